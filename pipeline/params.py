@@ -1,6 +1,6 @@
 """params.yaml -> frozen dataclasses, with unknown keys and bad values rejected by name.
 
-Top-level keys: `data_dir`, `corpus`, `seed`, `executor`, then one section per stage. Each
+Top-level keys: `data_dir`, `corpus`, `seed`, `metrics_dir`, `executor`, then one section per stage. Each
 stage module declares its own section dataclass; `SECTIONS` below names them explicitly.
 A params file that sets only some keys inherits the rest from these defaults.
 """
@@ -57,6 +57,7 @@ class Params:
     data_dir: str = "data"
     corpus: tuple[str, ...] = ("manifests/default.yaml",)
     seed: int = 0
+    metrics_dir: str = "metrics"  # metrics/<stage>.json (DVC metrics)
     executor: ExecutorParams = field(default_factory=ExecutorParams)
     sections: dict[str, Any] = field(default_factory=dict)
     base_dir: str = "."  # directory relative paths in the file are resolved against
@@ -84,11 +85,16 @@ class Params:
     def stage_dir(self, stage: str) -> Path:
         return self.data / stage
 
+    @property
+    def metrics(self) -> Path:
+        return self.resolve(self.metrics_dir)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "data_dir": self.data_dir,
             "corpus": list(self.corpus),
             "seed": self.seed,
+            "metrics_dir": self.metrics_dir,
             "executor": _asdict(self.executor),
         }
         for name in SECTIONS:
@@ -184,7 +190,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> Params:
     if not isinstance(data, dict):
         raise ParamsError("params: expected a mapping at the top level")
-    top = {"data_dir", "corpus", "seed", "executor"}
+    top = {"data_dir", "corpus", "seed", "metrics_dir", "executor"}
     allowed = top | set(SECTIONS)
     unknown = sorted(set(data) - allowed)
     if unknown:
