@@ -53,6 +53,10 @@ class Forgery:
     mask_known: bool = True  # False when the generator cannot say where it edited (edit)
 
 
+class SkipSample(Exception):
+    """This source does not suit the generator (no face, no text found): recorded, not fatal."""
+
+
 class Generator(Protocol):
     name: str
     domain: str

@@ -114,3 +114,17 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, p)
+
+
+def paste_back(original: np.ndarray, forged: np.ndarray, mask: np.ndarray, dilate: int) -> np.ndarray:
+    """Source pixels everywhere outside `mask` dilated by `dilate` px (diffusers' VAE changes
+    unmasked pixels too); returns the composited image."""
+    import cv2  # noqa: PLC0415
+
+    keep = np.asarray(mask, bool)
+    if dilate > 0:
+        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate + 1, 2 * dilate + 1))
+        keep = cv2.dilate(keep.astype(np.uint8), k) > 0
+    out = original.copy()
+    out[keep] = forged[keep]
+    return out
