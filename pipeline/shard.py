@@ -1,14 +1,204 @@
-"""The shard stage (being written; see ARCHITECTURE.md)."""
+"""Resolution-preserving WebDataset shards, byte-identical for the same inputs, resumable.
+
+Per split: `<split>-NNNNNN.tar` holding `<key>.<ext>` (a real image's original bytes),
+`<key>.mask.png` (0/255, exactly H x W) and `<key>.json` (the record), plus a parquet index
+per tar and `<split>-NNNNNN_stats.json`, written last: a shard with its stats file is
+complete. Samples are ordered by key and cut into shards by count and bytes, so the plan is
+a pure function of the manifest; a rerun skips complete shards whose key list matches and
+rewrites the rest under temporary names, so a killed run loses and duplicates nothing.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from pipeline import imageio
+from pipeline.executor import Executor, Resources
+from pipeline.params import ExecutorParams, Params
+from pipeline.records import SPLITS, ManifestWriter, Record, counts, dumps_json, iter_records, to_table
+
+log = logging.getLogger(__name__)
+
+TAR_MTIME = 0  # fixed member mtime: byte-identical tars
 
 
 @dataclass(frozen=True)
 class ShardParams:
-    pass
+    max_count: int = 1000  # samples per tar
+    max_bytes: int = 1 << 30  # bytes of image data per tar (a sample is never split)
+
+    def __post_init__(self) -> None:
+        if self.max_count < 1 or self.max_bytes < 1:
+            raise ValueError("shard.max_count and shard.max_bytes must be >= 1")
 
 
-def run(params, inputs, out, executor):
-    raise NotImplementedError("the shard stage is not written yet")
+def full_mask(record: Record, value: int) -> bytes:
+    return imageio.encode_mask(np.full((record.height, record.width), value, np.uint8))
+
+
+def sample_members(record: Record, data_dir: Path) -> dict[str, bytes]:
+    """The tar members of one sample: image bytes as stored, mask, record JSON (+ diff map)."""
+    image = (data_dir / record.blob).read_bytes()
+    if record.mask_blob:
+        mask = (data_dir / record.mask_blob).read_bytes()
+    elif record.label == "synthetic":
+        mask = full_mask(record, 255)
+    elif record.label == "real":
+        mask = full_mask(record, 0)
+    else:
+        raise ValueError(f"{record.key}: tampered sample without a mask")
+    members = {
+        "__key__": record.key,
+        record.format: image,
+        "mask.png": mask,
+        "json": dumps_json(record.public()).encode("utf-8"),
+    }
+    if record.diff_blob:
+        members["diff.png"] = (data_dir / record.diff_blob).read_bytes()
+    return members
+
+
+def plan_shards(records: list[Record], max_count: int, max_bytes: int) -> list[list[Record]]:
+    """Cuts key-ordered records into shards by count and by image bytes."""
+    shards: list[list[Record]] = []
+    cur: list[Record] = []
+    size = 0
+    for r in sorted(records, key=lambda r: r.key):
+        n = r.nbytes or 0
+        if cur and (len(cur) >= max_count or size + n > max_bytes):
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(r)
+        size += n
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def _digest(records: list[Record]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(dumps_json(r.public()).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+class _ShardWriter:
+    """Writes one shard; picklable so the executor can run it on any worker."""
+
+    def __init__(self, data_dir: str):
+        self.data_dir = Path(data_dir)
+
+    def __call__(self, job: tuple[str, str, list[dict[str, Any]]]) -> dict[str, Any]:
+        out_dir, name, rows = job
+        records = [Record(**r) for r in rows]
+        return write_shard(records, self.data_dir, Path(out_dir), name)
+
+
+def write_shard(records: list[Record], data_dir: Path, out_dir: Path, name: str) -> dict[str, Any]:
+    """Writes `name.tar`, `name.parquet`, then `name_stats.json`; skips a complete match."""
+    tar, index, stats_path = out_dir / f"{name}.tar", out_dir / f"{name}.parquet", out_dir / f"{name}_stats.json"
+    digest = _digest(records)
+    if stats_path.exists():
+        try:
+            old = json.loads(stats_path.read_text())
+            if old.get("digest") == digest and tar.exists() and index.exists():
+                return {**old, "skipped": True}
+        except (OSError, ValueError):
+            pass
+        stats_path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{name}.tar.{os.getpid()}.tmp"
+    nbytes = 0
+    with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=TAR_MTIME, user="", group="") as w:
+        for r in records:
+            nbytes += w.write(sample_members(r, data_dir))
+    os.replace(tmp, tar)
+    tmp_index = out_dir / f".{name}.parquet.{os.getpid()}.tmp"
+    pq.write_table(to_table(records), tmp_index)
+    os.replace(tmp_index, index)
+    stats = {
+        "shard": tar.name,
+        "count": len(records),
+        "bytes": nbytes,
+        "tar_bytes": tar.stat().st_size,
+        "digest": digest,
+        "by_label": dict(sorted(Counter(r.label for r in records).items())),
+        "by_domain": dict(sorted(Counter(str(r.domain) for r in records).items())),
+        "by_operation": dict(sorted(Counter(r.operation for r in records).items())),
+    }
+    imageio.write_bytes(stats_path, json.dumps(stats, indent=1, sort_keys=True).encode())
+    return {**stats, "skipped": False}
+
+
+def write_shard_set(
+    records: Iterable[Record],
+    data_dir: Path,
+    out_dir: Path,
+    prefix: str,
+    max_count: int,
+    max_bytes: int,
+    executor: Executor | None = None,
+) -> list[Path]:
+    """Writes `<out_dir>/<prefix>-NNNNNN.{tar,parquet,_stats.json}`; returns the tar paths.
+
+    Files of this prefix that are not in the plan (left by an earlier, larger run) go.
+    """
+    out_dir = Path(out_dir)
+    plan = plan_shards(list(records), max_count, max_bytes)
+    names = [f"{prefix}-{i:06d}" for i in range(len(plan))]
+    jobs = [(str(out_dir), n, [r.to_dict() for r in shard]) for n, shard in zip(names, plan)]
+    executor = executor or Executor(ExecutorParams(backend="local", progress=False))
+    list(executor.map(_ShardWriter(str(data_dir)), jobs, Resources(cpus=1), desc=f"shards {prefix}"))
+    keep = {f"{n}{suffix}" for n in names for suffix in (".tar", ".parquet", "_stats.json")}
+    if out_dir.exists():
+        for p in out_dir.iterdir():
+            if p.name.startswith(f"{prefix}-") and p.name not in keep:
+                p.unlink()
+            elif p.name.startswith(f".{prefix}-") and p.name.endswith(".tmp"):
+                p.unlink()
+    return [out_dir / f"{n}.tar" for n in names]
+
+
+def shippable(r: Record) -> bool:
+    return r.status == "ok" and r.split in SPLITS and r.blob is not None
+
+
+def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) -> dict[str, Any]:
+    """Ships every ok record with a split; writes `data_dir/manifest.parquet` with all records."""
+    p: ShardParams = params.shard
+    data_dir = params.data
+    by_split: dict[str, list[Record]] = defaultdict(list)
+    final = data_dir / "manifest.parquet"
+    with ManifestWriter(final) as manifest:
+        for r in iter_records(inputs["manifest"]):
+            if r.status == "ok" and r.split is None:
+                r = r.replace(status="no_split", error="no split assigned", stage="shard")
+            if shippable(r):
+                by_split[r.split].append(r)
+            manifest.write(r)
+    metrics: dict[str, Any] = {"splits": {}}
+    for split in SPLITS:
+        tars = write_shard_set(
+            by_split.get(split, []), data_dir, Path(out) / split, split, p.max_count, p.max_bytes, executor
+        )
+        metrics["splits"][split] = {
+            "samples": len(by_split.get(split, [])),
+            "shards": len(tars),
+            "bytes": sum(t.stat().st_size for t in tars),
+        }
+    metrics.update(counts(iter_records(final)))
+    metrics["shipped"] = sum(len(v) for v in by_split.values())
+    return metrics
