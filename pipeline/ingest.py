@@ -87,6 +87,8 @@ def probe(data: bytes, max_pixels: int) -> dict[str, Any]:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise IngestError("not_an_image", "not a recognised image format") from None
+    except Image.DecompressionBombError as e:
+        raise IngestError("too_many_pixels", f"{e} (ingest.max_pixels={max_pixels})") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad item, not a crash
         raise IngestError("corrupt", f"cannot open image: {e}") from None
     with img:

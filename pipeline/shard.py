@@ -3,7 +3,8 @@
 Per split: `<split>-NNNNNN.tar` holding `<key>.<ext>` (a real image's original bytes),
 `<key>.mask.png` (0/255, exactly H x W) and `<key>.json` (the record), plus a parquet index
 per tar and `<split>-NNNNNN_stats.json`, written last: a shard with its stats file is
-complete. Samples are ordered by key and cut into shards by count and bytes, so the plan is
+complete. Samples are ordered by (member layout, key) and cut into shards by count, bytes
+and layout (one image format per tar, so `datasets` can read it), so the plan is
 a pure function of the manifest; a rerun skips complete shards whose key list matches and
 rewrites the rest under temporary names, so a killed run loses and duplicates nothing.
 """
@@ -14,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+from functools import partial
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -70,14 +72,28 @@ def sample_members(record: Record, data_dir: Path) -> dict[str, bytes]:
     return members
 
 
+def member_layout(r: Record) -> tuple[str, bool]:
+    """What members a sample has: its image extension, and whether a diff map ships."""
+    return (r.format or "", r.diff_blob is not None)
+
+
+def sample_keys(r: Record) -> list[str]:
+    return [r.format, "mask.png", "json"] + (["diff.png"] if r.diff_blob else [])
+
+
 def plan_shards(records: list[Record], max_count: int, max_bytes: int) -> list[list[Record]]:
-    """Cuts key-ordered records into shards by count and by image bytes."""
+    """Cuts records into shards by count and by image bytes, ordered by (layout, key).
+
+    A shard never mixes member layouts (a `jpg` sample and a `png` one), because readers
+    such as `datasets.load_dataset("webdataset")` require every sample of a tar to have the
+    same members.
+    """
     shards: list[list[Record]] = []
     cur: list[Record] = []
     size = 0
-    for r in sorted(records, key=lambda r: r.key):
+    for r in sorted(records, key=lambda r: (member_layout(r), r.key)):
         n = r.nbytes or 0
-        if cur and (len(cur) >= max_count or size + n > max_bytes):
+        if cur and (len(cur) >= max_count or size + n > max_bytes or member_layout(cur[0]) != member_layout(r)):
             shards.append(cur)
             cur, size = [], 0
         cur.append(r)
@@ -135,6 +151,8 @@ def write_shard(records: list[Record], data_dir: Path, out_dir: Path, name: str)
         "bytes": nbytes,
         "tar_bytes": tar.stat().st_size,
         "digest": digest,
+        "format": records[0].format if records else None,
+        "members": sorted(k for k in sample_keys(records[0])) if records else [],
         "by_label": dict(sorted(Counter(r.label for r in records).items())),
         "by_domain": dict(sorted(Counter(str(r.domain) for r in records).items())),
         "by_operation": dict(sorted(Counter(r.operation for r in records).items())),
@@ -161,7 +179,7 @@ def write_shard_set(
     names = [f"{prefix}-{i:06d}" for i in range(len(plan))]
     jobs = [(str(out_dir), n, [r.to_dict() for r in shard]) for n, shard in zip(names, plan)]
     executor = executor or Executor(ExecutorParams(backend="local", progress=False))
-    list(executor.map(_ShardWriter(str(data_dir)), jobs, Resources(cpus=1), desc=f"shards {prefix}"))
+    list(executor.map(partial(_ShardWriter, str(data_dir)), jobs, Resources(cpus=1), desc=f"shards {prefix}"))
     keep = {f"{n}{suffix}" for n in names for suffix in (".tar", ".parquet", "_stats.json")}
     if out_dir.exists():
         for p in out_dir.iterdir():
