@@ -139,7 +139,7 @@ class Loaded:
     device: str
 
 
-def _torch_dtype(name: str) -> Any:
+def torch_dtype(name: str) -> Any:
     import torch
 
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
@@ -265,7 +265,7 @@ def load_pipeline(task: str, p: dict[str, Any], device: str = "cpu") -> Loaded:
     require("transformers")
     import diffusers
 
-    dtype = _torch_dtype(p["dtype"])
+    dtype = torch_dtype(p["dtype"])
     preset = _random_preset(p["model"])
     if preset is not None:
         pipe = build_random_pipeline(task, preset, p["pipeline"])

@@ -62,13 +62,15 @@ _WINDOW_ROWS = 20_000  # rows handed to the executor per call, so manifests stre
 @dataclass(frozen=True)
 class MasksParams:
     # per-pixel change, in 0-255 levels of the largest channel difference
-    threshold_min: float = 3.0  # never count a change below this
-    noise_factor: float = 3.0  # threshold >= noise_factor x median change (the noise floor)
+    threshold_lossless: float = 1.5  # threshold when the noise floor is zero (lossless save)
+    threshold_min: float = 3.0  # lossy saves: never count a change below this
+    noise_factor: float = 2.0  # lossy: threshold >= noise_factor x median change (noise floor)
     texture_factor: float = 0.25  # + this x local contrast of the original (JPEG edge noise)
+    prefilter: bool = True  # 3x3 Gaussian on both images first: halves JPEG noise
     colour_correction: bool = True  # fit and remove a small global colour shift first
     max_colour_shift: float = 24.0  # levels; a larger fitted shift is not applied
     # region level; sizes are fractions of the working image's shorter side or area
-    work_pixels: int = 1_000_000  # region clean-up runs at most at this many pixels
+    work_pixels: int = 262_144  # region clean-up runs at most at this many pixels
     window: float = 0.012  # density window
     density: float = 0.3  # share of changed pixels in the window that makes it edited
     close_radius: float = 0.012  # closing radius
@@ -96,7 +98,7 @@ class MasksParams:
             raise ValueError(
                 f"masks.min_area ({self.min_area}) must not exceed masks.max_area ({self.max_area})"
             )
-        for name in ("threshold_min", "noise_factor", "texture_factor", "max_colour_shift"):
+        for name in ("threshold_lossless", "threshold_min", "noise_factor", "texture_factor", "max_colour_shift"):
             v = getattr(self, name)
             if v < 0:
                 raise ValueError(f"masks.{name}: {v!r} is not allowed; allowed: >= 0")
@@ -130,6 +132,11 @@ def _odd(n: float) -> int:
     return n if n % 2 else n + 1
 
 
+def _median_u8(a: np.ndarray) -> float:
+    hist = cv2.calcHist([np.ascontiguousarray(a)], [0], None, [256], [0, 256]).ravel()
+    return float(np.searchsorted(np.cumsum(hist), hist.sum() / 2.0))
+
+
 def _channel_max(img: np.ndarray) -> np.ndarray:
     c = cv2.split(img)
     return cv2.max(cv2.max(c[0], c[1]), c[2])
@@ -138,39 +145,45 @@ def _channel_max(img: np.ndarray) -> np.ndarray:
 def match_colours(original: np.ndarray, forged: np.ndarray, max_shift: float) -> tuple[np.ndarray, float]:
     """The original with a per-channel gain and offset towards `forged` applied.
 
-    Fitted on a subsample with a median start and two inlier refits, so an edit covering
-    less than half the image does not pull the fit. Returns (image, largest shift applied).
+    Fitted on a subsample from a median start with two inlier refits, so an edit covering
+    less than half the image does not pull the fit. A channel whose values span little range
+    gets an offset only; a channel whose shift exceeds `max_shift` levels is left alone (that
+    is no longer a small global shift). Returns (image, largest shift applied).
     """
     h, w = original.shape[:2]
-    step = max(1, int(np.sqrt(h * w / 65536)))
-    o = original[::step, ::step].reshape(-1, 3).astype(np.float32)
-    f = forged[::step, ::step].reshape(-1, 3).astype(np.float32)
+    step = max(1, int(np.sqrt(h * w / 16384)))
+    o8 = original[::step, ::step].reshape(-1, 3)
+    f8 = forged[::step, ::step].reshape(-1, 3)
+    if np.count_nonzero((o8 == f8).all(axis=1)) * 2 > len(o8):
+        return original, 0.0  # most pixels identical: there is no global shift
+    o = o8.astype(np.float32)
+    f = f8.astype(np.float32)
     v = np.arange(256, dtype=np.float32)
-    lut = np.empty((256, 3), np.float32)
+    lut = np.tile(v[:, None], (1, 3))
     for c in range(3):
         oc, fc = o[:, c], f[:, c]
+        lo, hi = np.percentile(oc, [1, 99])
+        ranged = hi - lo >= 64
         a, b = 1.0, float(np.median(fc - oc))
         for band in (8.0, 4.0):
-            inl = np.abs(fc - (a * oc + b)) <= band
             # saturated values carry no information about the shift
-            inl &= (fc > 0) & (fc < 255)
+            inl = (np.abs(fc - (a * oc + b)) <= band) & (fc > 0) & (fc < 255)
             if np.count_nonzero(inl) < 64:
                 break
             x, y = oc[inl], fc[inl]
             var = float(x.var())
-            if var < 4.0:  # flat channel: offset only
-                a, b = 1.0, float(np.mean(y - x))
-            else:
+            if ranged and var >= 16.0:
                 a = float(np.clip(np.mean((x - x.mean()) * (y - y.mean())) / var, 0.8, 1.25))
-                b = float(y.mean() - a * x.mean())
-        lut[:, c] = a * v + b
+            b = float(y.mean() - a * x.mean())
+        seen = np.abs((a - 1.0) * np.array([lo, hi]) + b).max()
+        if seen > max_shift:
+            continue
+        lut[:, c] = v + np.clip((a - 1.0) * v + b, -max_shift, max_shift)
+    table = np.clip(np.rint(lut), 0, 255).astype(np.uint8)
+    if np.array_equal(table, np.tile(np.arange(256, dtype=np.uint8)[:, None], (1, 3))):
+        return original, 0.0
     shift = float(np.abs(lut - v[:, None]).max())
-    if shift < 0.5:
-        return original, 0.0
-    if shift > max_shift:
-        return original, 0.0
-    table = np.clip(np.rint(lut), 0, 255).astype(np.uint8).reshape(1, 256, 3)
-    return cv2.LUT(np.ascontiguousarray(original), table), shift
+    return cv2.LUT(np.ascontiguousarray(original), table.reshape(1, 256, 3)), shift
 
 
 def derive_mask(original: np.ndarray, forged: np.ndarray, p: MasksParams | None = None) -> Derivation:
@@ -186,14 +199,25 @@ def derive_mask(original: np.ndarray, forged: np.ndarray, p: MasksParams | None 
     shift = 0.0
     if p.colour_correction:
         original, shift = match_colours(original, forged, p.max_colour_shift)
-    diff = _channel_max(cv2.absdiff(forged, original))
-    # noise floor: the median change (most of the image is untouched)
-    step = max(1, int(np.sqrt(h * w / 262144)))
-    hist = np.bincount(diff[::step, ::step].ravel(), minlength=256)
-    noise = float(np.searchsorted(np.cumsum(hist), hist.sum() / 2.0))
-    threshold = max(p.threshold_min, p.noise_factor * noise)
+    # noise floor: the median change (most of the image is untouched); zero for lossless
+    step = max(1, int(np.sqrt(h * w / 65536)))
+    noise = _median_u8(_channel_max(cv2.absdiff(forged[::step, ::step], original[::step, ::step])))
+    lossy = noise >= 1
+    if p.prefilter and lossy:
+        # lossy: JPEG error is high-frequency, a 3x3 Gaussian halves it
+        a = cv2.GaussianBlur(original, (3, 3), 0)
+        b = cv2.GaussianBlur(forged, (3, 3), 0)
+        diff = _channel_max(cv2.absdiff(b, a))
+        noise = _median_u8(diff[::step, ::step])
+    else:
+        a = original
+        diff = _channel_max(cv2.absdiff(forged, original))
+    if lossy:
+        threshold = max(p.threshold_min, p.noise_factor * noise)
+    else:
+        threshold = p.threshold_lossless
     # local contrast of the original, max over channels: JPEG error grows near edges
-    contrast = _channel_max(cv2.morphologyEx(original, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)))
+    contrast = _channel_max(cv2.morphologyEx(a, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)))
     limit = cv2.convertScaleAbs(contrast, alpha=p.texture_factor, beta=threshold)
     changed = cv2.compare(diff, limit, cv2.CMP_GT)  # 0/255
     n_changed = cv2.countNonZero(changed)
