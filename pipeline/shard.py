@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from functools import partial
+from functools import lru_cache, partial
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -47,7 +47,13 @@ class ShardParams:
 
 
 def full_mask(record: Record, value: int) -> bytes:
-    return imageio.encode_mask(np.full((record.height, record.width), value, np.uint8))
+    return _constant_mask(record.height, record.width, value)
+
+
+@lru_cache(maxsize=256)
+def _constant_mask(height: int, width: int, value: int) -> bytes:
+    """All-0 (real) and all-255 (synthetic) masks repeat across a corpus: encode each size once."""
+    return imageio.encode_mask(np.full((height, width), value, np.uint8))
 
 
 def sample_members(record: Record, data_dir: Path) -> dict[str, bytes]:
