@@ -5,9 +5,11 @@ worker once per process, e.g. loading model weights) and a list of work items; t
 returns the results in item order. Resources are data: `Resources(cpus=..., gpus=...)`.
 
 Backends:
-- `ray`: an actor pool on a local Ray instance, or on an existing cluster named by
-  `executor.address` or `$RAY_ADDRESS`. Actors ask for fractional CPUs by default so a pool
-  never deadlocks behind other tasks on a small machine; GPU workers ask for `num_gpus`.
+- `ray`: on a local Ray instance, or on an existing cluster named by `executor.address` or
+  `$RAY_ADDRESS`. CPU work runs as ordinary Ray tasks asking for fractional CPUs (so work
+  never deadlocks behind other tasks on a small machine); each worker process builds the
+  worker once and reuses it for later tasks of the same factory. GPU work runs on an actor
+  pool, one actor per `num_gpus` slice, each holding its model for the whole stage.
 - `local`: everything in this process, for debugging and tests.
 """
 
@@ -38,6 +40,27 @@ class Resources:
     cpus: float = 1.0
     gpus: float = 0.0
     max_workers: int | None = None
+
+
+_WORKERS: dict[str, Callable[[Any], Any]] = {}  # per process: factory object id -> worker
+
+
+def _call_cached(boxed_factory: list[Any], item: Any) -> Any:
+    """Body of a Ray task: builds the worker once per process and factory, then applies it.
+
+    The factory comes as an object reference inside a list, so Ray does not resolve it and
+    its id can key the cache; it is fetched from the object store once per process.
+    """
+    import ray  # noqa: PLC0415
+
+    ref = boxed_factory[0]
+    key = ref.hex()
+    worker = _WORKERS.get(key)
+    if worker is None:
+        if len(_WORKERS) >= 4:  # a few stages' workers at most; drop the oldest
+            _WORKERS.pop(next(iter(_WORKERS)))
+        worker = _WORKERS[key] = ray.get(ref)()
+    return worker(item)
 
 
 def chunked(items: Sequence[T], size: int) -> list[list[T]]:
@@ -125,6 +148,22 @@ class Executor:
             n = min(n, resources.max_workers)
         n = max(1, min(n, len(items)))
 
+        if resources.gpus == 0:
+            # ordinary tasks; a bounded window keeps memory flat and results in order
+            task = ray.remote(_call_cached).options(num_cpus=min(resources.cpus, 0.5))
+            boxed = [ray.put(factory)]
+            window = 2 * n
+            pending: list[Any] = []
+            for item in items:
+                pending.append(task.remote(boxed, item))
+                if len(pending) >= window:
+                    yield ray.get(pending.pop(0))
+                    bar.update(1)
+            for ref in pending:
+                yield ray.get(ref)
+                bar.update(1)
+            return
+
         @ray.remote
         class _Worker:
             def __init__(self, factory):
@@ -133,9 +172,7 @@ class Executor:
             def __call__(self, item):
                 return self.fn(item)
 
-        opts: dict[str, Any] = {"num_cpus": min(resources.cpus, 0.5) if resources.gpus == 0 else resources.cpus}
-        if resources.gpus > 0:
-            opts["num_gpus"] = resources.gpus
+        opts: dict[str, Any] = {"num_cpus": resources.cpus, "num_gpus": resources.gpus}
         actors = [_Worker.options(**opts).remote(factory) for _ in range(n)]
         pool = ActorPool(actors)
         try:
