@@ -82,6 +82,7 @@ def check_params(name: str, given: dict[str, Any], allowed: dict[str, Any]) -> d
     unknown = sorted(set(given) - set(allowed))
     if unknown:
         raise ValueError(
-            f"generator {name!r}: unknown param {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}"
+            f"generator {name!r}: unknown param {unknown[0]!r}; "
+            f"allowed: {', '.join(sorted(allowed))}"
         )
     return {**allowed, **given}

@@ -65,10 +65,13 @@ RANDOM_PRESETS: dict[str, dict[str, Any]] = {
     "mid": {
         "unet_channels": [128, 256, 512, 512],
         "unet_layers": 2,
-        "unet_down": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                      "DownBlock2D"],
-        "unet_up": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                    "CrossAttnUpBlock2D"],
+        "unet_down": [
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ],
+        "unet_up": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
         "attention_head_dim": 8,
         "vae_channels": [64, 128, 256, 256],
         "vae_layers": 2,
@@ -103,23 +106,33 @@ def validate_common(name: str, p: dict[str, Any]) -> None:
     if p["dtype"] not in DTYPES:
         raise ValueError(f"generator {name!r}: dtype {p['dtype']!r}; allowed: {', '.join(DTYPES)}")
     if p["model"] is not None and (not isinstance(p["model"], str) or not p["model"]):
-        raise ValueError(f"generator {name!r}: model {p['model']!r}; allowed: null, "
-                         f"{', '.join(RANDOM_MODELS)}, a local directory or a hub id")
+        raise ValueError(
+            f"generator {name!r}: model {p['model']!r}; allowed: null, "
+            f"{', '.join(RANDOM_MODELS)}, a local directory or a hub id"
+        )
     pipe = p["pipeline"]
-    if pipe is not None and not (isinstance(pipe, str) and pipe.isidentifier()
-                                 and ("Pipeline" in pipe)):
-        raise ValueError(f"generator {name!r}: pipeline {pipe!r}; allowed: a diffusers pipeline "
-                         "class name such as StableDiffusionInpaintPipeline")
+    if pipe is not None and not (
+        isinstance(pipe, str) and pipe.isidentifier() and ("Pipeline" in pipe)
+    ):
+        raise ValueError(
+            f"generator {name!r}: pipeline {pipe!r}; allowed: a diffusers pipeline "
+            "class name such as StableDiffusionInpaintPipeline"
+        )
     if not isinstance(p["num_inference_steps"], int) or p["num_inference_steps"] < 1:
-        raise ValueError(f"generator {name!r}: num_inference_steps {p['num_inference_steps']!r}; "
-                         "allowed: an integer >= 1")
+        raise ValueError(
+            f"generator {name!r}: num_inference_steps {p['num_inference_steps']!r}; "
+            "allowed: an integer >= 1"
+        )
     size = p["size"]
     if size is not None and (not isinstance(size, int) or size < 8 or size % 8):
-        raise ValueError(f"generator {name!r}: size {size!r}; allowed: null (the source size) "
-                         "or a multiple of 8 >= 8")
+        raise ValueError(
+            f"generator {name!r}: size {size!r}; allowed: null (the source size) "
+            "or a multiple of 8 >= 8"
+        )
     if not isinstance(p["guidance_scale"], (int, float)) or p["guidance_scale"] < 0:
-        raise ValueError(f"generator {name!r}: guidance_scale {p['guidance_scale']!r}; "
-                         "allowed: a number >= 0")
+        raise ValueError(
+            f"generator {name!r}: guidance_scale {p['guidance_scale']!r}; allowed: a number >= 0"
+        )
 
 
 def resources(device: str) -> dict[str, float]:
@@ -156,8 +169,11 @@ def tiny_tokenizer() -> Any:
     from transformers import CLIPTokenizer
 
     # CLIP's byte-to-unicode table: printable bytes map to themselves, the rest above 255
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, n = [], 0
     for b in range(256):
         chars.append(chr(b) if b in printable else chr(256 + n))
@@ -218,8 +234,16 @@ def random_config(task: str, preset: str = "tiny") -> dict[str, Any]:
         "set_alpha_to_one": False,
         "steps_offset": 1,
     }
-    return {"task": task, "preset": preset, "seed": RANDOM_SEED, "unet": unet, "vae": vae,
-            "text_encoder": text, "scheduler": scheduler, "tokenizer": "clip-bytes-v1"}
+    return {
+        "task": task,
+        "preset": preset,
+        "seed": RANDOM_SEED,
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text,
+        "scheduler": scheduler,
+        "tokenizer": "clip-bytes-v1",
+    }
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -242,18 +266,27 @@ def build_random_pipeline(task: str, preset: str = "tiny", pipeline: str | None 
     cfg = random_config(task, preset)
     cls_name = TASKS[task]["pipeline"]
     if pipeline is not None and pipeline != cls_name and not pipeline.startswith("AutoPipeline"):
-        raise ValueError(f"pipeline {pipeline!r} with random weights: the random stand-in is "
-                         f"Stable-Diffusion-shaped; allowed: {cls_name} or an AutoPipeline class "
-                         "(set `model` to a checkpoint to use another pipeline)")
+        raise ValueError(
+            f"pipeline {pipeline!r} with random weights: the random stand-in is "
+            f"Stable-Diffusion-shaped; allowed: {cls_name} or an AutoPipeline class "
+            "(set `model` to a checkpoint to use another pipeline)"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg["seed"])
         unet = UNet2DConditionModel(**cfg["unet"])
         vae = AutoencoderKL(**cfg["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     cls = getattr(diffusers, cls_name)
-    pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), unet=unet,
-               scheduler=DDIMScheduler(**cfg["scheduler"]), safety_checker=None,
-               feature_extractor=None, requires_safety_checker=False)
+    pipe = cls(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tiny_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler(**cfg["scheduler"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     for module in (unet, vae, text_encoder):
         module.eval()
     return pipe
@@ -275,14 +308,18 @@ def load_pipeline(task: str, p: dict[str, Any], device: str = "cpu") -> Loaded:
         cls_name = p["pipeline"] or TASKS[task]["pipeline"]
         cls = getattr(diffusers, cls_name, None)
         if cls is None or not hasattr(cls, "from_pretrained"):
-            raise ValueError(f"pipeline {cls_name!r} is not a diffusers "
-                             f"{diffusers.__version__} pipeline class")
+            raise ValueError(
+                f"pipeline {cls_name!r} is not a diffusers {diffusers.__version__} pipeline class"
+            )
         kwargs: dict[str, Any] = {"dtype": dtype}
         if p["revision"]:
             kwargs["revision"] = p["revision"]
         if p["variant"]:
             kwargs["variant"] = p["variant"]
-        if not p["safety_checker"] and "safety_checker" in inspect.signature(cls.__init__).parameters:
+        if (
+            not p["safety_checker"]
+            and "safety_checker" in inspect.signature(cls.__init__).parameters
+        ):
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         log.info("loading %s from %s", cls_name, p["model"])
         pipe = cls.from_pretrained(p["model"], **kwargs)
@@ -291,8 +328,14 @@ def load_pipeline(task: str, p: dict[str, Any], device: str = "cpu") -> Loaded:
     if preset is not None and p["dtype"] != "float32":  # from_pretrained already cast
         pipe = pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    return Loaded(pipe=pipe, model_id=model_id, model_revision=revision,
-                  pipeline_class=type(pipe).__name__, dtype=p["dtype"], device=str(device))
+    return Loaded(
+        pipe=pipe,
+        model_id=model_id,
+        model_revision=revision,
+        pipeline_class=type(pipe).__name__,
+        dtype=p["dtype"],
+        device=str(device),
+    )
 
 
 def generators_for(seeds: list[int]) -> list[Any]:
@@ -340,8 +383,10 @@ def work_size(h: int, w: int, size: int | None, multiple: int = 8) -> tuple[int,
     else:
         scale = size / max(h, w)
         th, tw = h * scale, w * scale
-    return (max(multiple, int(round(th / multiple)) * multiple),
-            max(multiple, int(round(tw / multiple)) * multiple))
+    return (
+        max(multiple, int(round(th / multiple)) * multiple),
+        max(multiple, int(round(tw / multiple)) * multiple),
+    )
 
 
 def resize(image: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -353,8 +398,14 @@ def resize(image: np.ndarray, h: int, w: int) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=interp)
 
 
-def object_mask(h: int, w: int, rng: np.random.Generator, min_frac: float, max_frac: float,
-                shape: str = "random") -> np.ndarray:
+def object_mask(
+    h: int,
+    w: int,
+    rng: np.random.Generator,
+    min_frac: float,
+    max_frac: float,
+    shape: str = "random",
+) -> np.ndarray:
     """An object-shaped (rotated ellipse or irregular blob polygon) bool mask, never a box.
 
     Its area is a `min_frac`..`max_frac` fraction of the image and it lies wholly inside it.
@@ -377,16 +428,25 @@ def object_mask(h: int, w: int, rng: np.random.Generator, min_frac: float, max_f
     angle = float(rng.uniform(0, 180))
     mask = np.zeros((h, w), np.uint8)
     if shape == "ellipse":
-        cv2.ellipse(mask, (int(round(cx)), int(round(cy))),
-                    (max(2, int(bw / 2)), max(2, int(bh / 2))), angle, 0, 360, 255, -1)
+        cv2.ellipse(
+            mask,
+            (int(round(cx)), int(round(cy))),
+            (max(2, int(bw / 2)), max(2, int(bh / 2))),
+            angle,
+            0,
+            360,
+            255,
+            -1,
+        )
     else:
         n = int(rng.integers(7, 13))
         ang = np.sort(rng.uniform(0, 2 * np.pi, n))
         rad = rng.uniform(0.55, 1.0, n)
         t = np.deg2rad(angle)
         px, py = rad * np.cos(ang) * bw / 2, rad * np.sin(ang) * bh / 2
-        pts = np.stack([cx + px * np.cos(t) - py * np.sin(t),
-                        cy + px * np.sin(t) + py * np.cos(t)], 1)
+        pts = np.stack(
+            [cx + px * np.cos(t) - py * np.sin(t), cy + px * np.sin(t) + py * np.cos(t)], 1
+        )
         pts = np.clip(np.round(pts), 0, [w - 1, h - 1]).astype(np.int32)
         cv2.fillPoly(mask, [pts], 255)
     if not mask.any():  # degenerate tiny image: a small central disc

@@ -32,7 +32,9 @@ REGISTRY: dict[str, str] = {
 
 def generator_class(name: str) -> type:
     if name not in REGISTRY:
-        raise ValueError(f"unknown generator {name!r}; valid generators: {', '.join(sorted(REGISTRY))}")
+        raise ValueError(
+            f"unknown generator {name!r}; valid generators: {', '.join(sorted(REGISTRY))}"
+        )
     module, cls = REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)
 

@@ -34,6 +34,7 @@ from pipeline.records import SPLITS, ManifestWriter, Record, counts, dumps_json,
 log = logging.getLogger(__name__)
 
 TAR_MTIME = 0  # fixed member mtime: byte-identical tars
+_COPY_BUFFER = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,11 @@ def write_shard(records: list[Record], data_dir: Path, out_dir: Path, name: str)
     tmp = out_dir / f".{name}.tar.{os.getpid()}.tmp"
     nbytes = 0
     with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=TAR_MTIME, user="", group="") as w:
+        # tarfile's stream layer moves data in 10 KiB records and members in 16 KiB pieces,
+        # re-slicing its buffer each time; 1 MiB pieces halve the cost for photo-size
+        # members. The bytes written are the same (padding follows RECORDSIZE, not these).
+        w.tarstream.copybufsize = _COPY_BUFFER
+        w.tarstream.fileobj.bufsize = _COPY_BUFFER
         for r in records:
             nbytes += w.write(sample_members(r, data_dir))
     os.replace(tmp, tar)

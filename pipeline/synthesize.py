@@ -34,6 +34,7 @@ from pipeline.records import ManifestWriter, Record, content_key, counts, dumps_
 log = logging.getLogger(__name__)
 
 DOMAIN_NAMES = ("document", "natural", "face", "aigc")
+DEFAULT_JPEG_QUALITY = 95  # `imageio.encode_like`'s quality when the source's is unknown
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,7 @@ def _default_generators() -> dict[str, GeneratorSpec]:
 @dataclass(frozen=True)
 class SynthesizeParams:
     generators: dict[str, GeneratorSpec] = field(default_factory=_default_generators)
-    domain_weights: dict[str, float] = field(
-        default_factory=lambda: {d: 1.0 for d in DOMAIN_NAMES}
-    )
+    domain_weights: dict[str, float] = field(default_factory=lambda: {d: 1.0 for d in DOMAIN_NAMES})
     per_source: int = 2  # forgeries per real source (distinct generators)
     paste_back: bool = True  # local edits: source pixels outside the dilated mask
     paste_back_dilate: int = 2  # px
@@ -70,7 +69,10 @@ class SynthesizeParams:
                 )
         for d in self.domain_weights:
             if d not in DOMAIN_NAMES:
-                raise ValueError(f"synthesize.domain_weights: unknown domain {d!r}; allowed: {', '.join(DOMAIN_NAMES)}")
+                raise ValueError(
+                    f"synthesize.domain_weights: unknown domain {d!r}; "
+                    f"allowed: {', '.join(DOMAIN_NAMES)}"
+                )
         if self.per_source < 0:
             raise ValueError("synthesize.per_source must be >= 0")
 
@@ -95,7 +97,12 @@ class _GenInfo:
 
 def _gen_info(name: str) -> _GenInfo:
     cls = registry.generator_class(name)
-    return _GenInfo(name, cls.domain, bool(getattr(cls, "needs_donor", False)), getattr(cls, "donor_domain", None))
+    return _GenInfo(
+        name,
+        cls.domain,
+        bool(getattr(cls, "needs_donor", False)),
+        getattr(cls, "donor_domain", None),
+    )
 
 
 def plan(sources: list[Record], p: SynthesizeParams, seed: int) -> dict[str, list[dict[str, Any]]]:
@@ -107,7 +114,9 @@ def plan(sources: list[Record], p: SynthesizeParams, seed: int) -> dict[str, lis
     jobs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for src in sources:
         names = [n for n, i in infos.items() if i.domain in (src.domain, "aigc")]
-        w = np.array([p.generators[n].weight * p.domain_weights.get(infos[n].domain, 1.0) for n in names])
+        w = np.array(
+            [p.generators[n].weight * p.domain_weights.get(infos[n].domain, 1.0) for n in names]
+        )
         names = [n for n, wi in zip(names, w) if wi > 0]
         w = w[w > 0]
         if not names or p.per_source == 0:
@@ -120,12 +129,22 @@ def plan(sources: list[Record], p: SynthesizeParams, seed: int) -> dict[str, lis
             info = infos[name]
             donor = None
             if info.needs_donor:
-                pool = [d for d in by_domain.get(info.donor_domain or src.domain, []) if d.key != src.key]
+                pool = [
+                    d
+                    for d in by_domain.get(info.donor_domain or src.domain, [])
+                    if d.key != src.key
+                ]
                 if pool:
                     donor = pool[int(rng.integers(len(pool)))].to_dict()
             key = content_key(src.key, name)
-            jobs[name].append({"source": src.to_dict(), "donor": donor, "key": key,
-                               "seed": derive_seed(seed, key)})
+            jobs[name].append(
+                {
+                    "source": src.to_dict(),
+                    "donor": donor,
+                    "key": key,
+                    "seed": derive_seed(seed, key),
+                }
+            )
     return jobs
 
 
@@ -144,7 +163,9 @@ class _Factory:
 def _source(rec: Record, data_dir: Path, seed: int) -> Source:
     caption = json.loads(rec.extra).get("caption") if rec.extra else None
     rgb = imageio.read_rgb(data_dir / rec.blob)
-    return Source(key=rec.key, image=rgb, domain=rec.domain, seed=seed, format=rec.format, caption=caption)
+    return Source(
+        key=rec.key, image=rgb, domain=rec.domain, seed=seed, format=rec.format, caption=caption
+    )
 
 
 class _Worker:
@@ -162,7 +183,9 @@ class _Worker:
                     s.donor = _source(d, self.data_dir, job["seed"])
                 prepared.append((job, src, s))
             except Exception as e:  # noqa: BLE001 - recorded on the row
-                out[job["key"]] = self._failed(job, src, "generator_error", f"cannot load source: {e}")
+                out[job["key"]] = self._failed(
+                    job, src, "generator_error", f"cannot load source: {e}"
+                )
         forgeries: list[Forgery | Exception] = []
         if prepared and hasattr(self.gen, "generate_batch") and len(prepared) > 1:
             rngs = [np.random.default_rng(job["seed"]) for job, _, _ in prepared]
@@ -182,12 +205,16 @@ class _Worker:
             if isinstance(f, SkipSample):
                 out[job["key"]] = self._failed(job, src, "skipped", str(f) or "source unsuitable")
             elif isinstance(f, Exception):
-                out[job["key"]] = self._failed(job, src, "generator_error", f"{type(f).__name__}: {f}")
+                out[job["key"]] = self._failed(
+                    job, src, "generator_error", f"{type(f).__name__}: {f}"
+                )
             else:
                 try:
                     out[job["key"]] = self._finish(job, src, s, f)
                 except Exception as e:  # noqa: BLE001
-                    out[job["key"]] = self._failed(job, src, "generator_error", f"{type(e).__name__}: {e}")
+                    out[job["key"]] = self._failed(
+                        job, src, "generator_error", f"{type(e).__name__}: {e}"
+                    )
         return [out[job["key"]].to_dict() for job in jobs]
 
     def _base(self, job: dict[str, Any], src: Record) -> Record:
@@ -197,7 +224,8 @@ class _Worker:
             source=src.source,
             source_id=src.source_id,
             group_id=src.group_id,
-            label="tampered",
+            # what the row would have been: a skipped GAN sample is still not a tampered one
+            label="synthetic" if g.domain == "aigc" else "tampered",
             domain=g.domain if g.domain == "aigc" else src.domain,
             operation=g.operation,
             generator=g.name,
@@ -217,15 +245,24 @@ class _Worker:
         img = np.asarray(f.image)
         h, w = s.image.shape[:2]
         if img.shape != (h, w, 3) or img.dtype != np.uint8:
-            raise ValueError(f"generator returned {img.shape} {img.dtype}; expected {(h, w, 3)} uint8")
+            raise ValueError(
+                f"generator returned {img.shape} {img.dtype}; expected {(h, w, 3)} uint8"
+            )
         mask = np.asarray(f.mask, bool)
         if mask.shape != (h, w):
             raise ValueError(f"generator returned a mask of shape {mask.shape}; expected {(h, w)}")
+        if f.label not in ("tampered", "synthetic"):
+            raise ValueError(f"generator returned label {f.label!r}; allowed: tampered, synthetic")
+        if not mask.any():
+            return self._failed(job, src, "skipped", "generator returned an empty mask")
         local = f.local and f.label == "tampered"
         if local and self.p.paste_back:
             img = imageio.paste_back(s.image, img, mask, self.p.paste_back_dilate)
+        quality = None
         if self.p.match_source_format:
             data, ext = imageio.encode_like(img, src.format, src.jpeg_quality)
+            if ext == "jpg":
+                quality = src.jpeg_quality or DEFAULT_JPEG_QUALITY  # what encode_like used
         else:
             data, ext = imageio.encode_like(img, "png")
         sha = hashlib.sha256(data).hexdigest()
@@ -254,7 +291,7 @@ class _Worker:
             phash=str(imagehash.phash(Image.fromarray(img))),
             nbytes=len(data),
             mode="RGB",
-            jpeg_quality=src.jpeg_quality if ext == "jpg" and self.p.match_source_format else (95 if ext == "jpg" else None),
+            jpeg_quality=quality,
             blob=blob,
             requested_mask_blob=requested,
         )

@@ -27,8 +27,12 @@ PACKAGE = "gan_face_generate"
 DISTRIBUTION = "gan-face-generate"
 NZ, NGF, NC, NATIVE = 100, 64, 3, 64  # the shipped checkpoint's latent size, width, channels, px
 
-INTERPOLATIONS = {"lanczos": cv2.INTER_LANCZOS4, "bicubic": cv2.INTER_CUBIC,
-                  "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
+INTERPOLATIONS = {
+    "lanczos": cv2.INTER_LANCZOS4,
+    "bicubic": cv2.INTER_CUBIC,
+    "bilinear": cv2.INTER_LINEAR,
+    "nearest": cv2.INTER_NEAREST,
+}
 
 DEFAULTS: dict[str, Any] = {
     "truncation": 1.0,  # latent scale: z ~ N(0, truncation^2); < 1 trades variety for quality
@@ -40,22 +44,28 @@ DEFAULTS: dict[str, Any] = {
 def _build_generator() -> Any:
     """The DCGAN generator network, from the package if importable, else the same layers."""
     try:
-        from gan_face_generate.models import Generator  # noqa: PLC0415
+        from gan_face_generate.models import Generator
 
         return Generator(ngpu=0, nc=NC, nz=NZ, ngf=NGF)
     except ImportError as exc:  # the module layout changed: same architecture, declared here
         log.info("gan_face_generate.models not importable (%s); using the local declaration", exc)
-    from torch import nn  # noqa: PLC0415
+    from torch import nn
 
     class Generator(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             g = NGF
-            layers: list[nn.Module] = [nn.ConvTranspose2d(NZ, g * 8, 4, 1, 0, bias=False),
-                                       nn.BatchNorm2d(g * 8), nn.ReLU(True)]
+            layers: list[nn.Module] = [
+                nn.ConvTranspose2d(NZ, g * 8, 4, 1, 0, bias=False),
+                nn.BatchNorm2d(g * 8),
+                nn.ReLU(True),
+            ]
             for cin, cout in ((g * 8, g * 4), (g * 4, g * 2), (g * 2, g)):
-                layers += [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False),
-                           nn.BatchNorm2d(cout), nn.ReLU(True)]
+                layers += [
+                    nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False),
+                    nn.BatchNorm2d(cout),
+                    nn.ReLU(True),
+                ]
             layers += [nn.ConvTranspose2d(g, NC, 4, 2, 1, bias=False), nn.Tanh()]
             self.main = nn.Sequential(*layers)
 
@@ -71,7 +81,9 @@ def weights_path() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     path = Path(next(iter(spec.submodule_search_locations))) / "weights.tar"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall {DISTRIBUTION} (pip install --no-deps)")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall {DISTRIBUTION} (pip install --no-deps)"
+        )
     return path
 
 
@@ -85,8 +97,10 @@ class GanSynthesis:
         self.params = check_params(self.name, params, DEFAULTS)
         p = self.params
         if p["interpolation"] not in INTERPOLATIONS:
-            raise ValueError(f"gan_synthesis: interpolation {p['interpolation']!r}; "
-                             f"allowed: {', '.join(INTERPOLATIONS)}")
+            raise ValueError(
+                f"gan_synthesis: interpolation {p['interpolation']!r}; "
+                f"allowed: {', '.join(INTERPOLATIONS)}"
+            )
         if p["fit"] not in ("cover", "stretch"):
             raise ValueError(f"gan_synthesis: fit {p['fit']!r}; allowed: cover, stretch")
         if not 0 < float(p["truncation"]) <= 2:
@@ -107,7 +121,7 @@ class GanSynthesis:
         return {**self.__dict__, "_net": None}
 
     def setup(self, device: str = "cpu") -> None:
-        import torch  # noqa: PLC0415
+        import torch
 
         path = weights_path()
         data = path.read_bytes()
@@ -120,7 +134,7 @@ class GanSynthesis:
         log.info("loaded %s (%s) on %s", self.model_id, self.model_revision, device)
 
     def generate(self, source: Source, rng: np.random.Generator) -> Forgery:
-        import torch  # noqa: PLC0415
+        import torch
 
         if self._net is None:
             self.setup(self._device)

@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "prompt": "a high quality photo",  # img2img, when the source has no caption
     "use_caption": True,
     "negative_prompt": None,
-    "vae_subfolder": "vae",  # vae mode with a checkpoint: where its AutoencoderKL lives (null: root)
+    "vae_subfolder": "vae",  # vae mode, a checkpoint: where its AutoencoderKL lives (null: root)
 }
 MODES = ("img2img", "vae")
 
@@ -49,10 +49,14 @@ class Regeneration:
         if p["mode"] not in MODES:
             raise ValueError(f"regeneration: mode {p['mode']!r}; allowed: {', '.join(MODES)}")
         if not 0 < p["strength"] <= 1:
-            raise ValueError(f"regeneration: strength {p['strength']!r}; allowed: 0 < strength <= 1")
+            raise ValueError(
+                f"regeneration: strength {p['strength']!r}; allowed: 0 < strength <= 1"
+            )
         if p["mode"] == "img2img" and p["num_inference_steps"] * p["strength"] < 1:
-            raise ValueError(f"regeneration: num_inference_steps {p['num_inference_steps']} x strength "
-                             f"{p['strength']} runs no denoising step; allowed: a product >= 1")
+            raise ValueError(
+                f"regeneration: num_inference_steps {p['num_inference_steps']} x strength "
+                f"{p['strength']} runs no denoising step; allowed: a product >= 1"
+            )
         if not isinstance(p["prompt"], str):
             raise ValueError(f"regeneration: prompt {p['prompt']!r}; allowed: a string")
         self._loaded: D.Loaded | None = None
@@ -93,22 +97,33 @@ class Regeneration:
             vae = AutoencoderKL.from_pretrained(p["model"], **kwargs)
             model_id = p["model"]
         vae = vae.to(device).eval()
-        return D.Loaded(pipe=vae, model_id=model_id, model_revision=p["revision"] if preset is None
-                        else None, pipeline_class=type(vae).__name__, dtype=p["dtype"],
-                        device=str(device))
+        return D.Loaded(
+            pipe=vae,
+            model_id=model_id,
+            model_revision=p["revision"] if preset is None else None,
+            pipeline_class=type(vae).__name__,
+            dtype=p["dtype"],
+            device=str(device),
+        )
 
     def generate(self, source: Source, rng: np.random.Generator) -> Forgery:
         return self.generate_batch([source], [rng])[0]
 
-    def generate_batch(self, sources: list[Source], rngs: list[np.random.Generator]) -> list[Forgery]:
+    def generate_batch(
+        self, sources: list[Source], rngs: list[np.random.Generator]
+    ) -> list[Forgery]:
         """One model call per work size (sources of one aspect ratio share a call)."""
         if len(sources) != len(rngs):
             raise ValueError(f"regeneration: {len(sources)} sources but {len(rngs)} rngs")
         if self._loaded is None:
             self.setup("cpu")
         p = self.params
-        prompts = [s.caption.strip() if p["use_caption"] and s.caption and s.caption.strip()
-                   else p["prompt"] for s in sources]
+        prompts = [
+            s.caption.strip()
+            if p["use_caption"] and s.caption and s.caption.strip()
+            else p["prompt"]
+            for s in sources
+        ]
         works = [D.work_size(*s.image.shape[:2], p["size"]) for s in sources]
         inputs = [D.resize(s.image, *wh) for s, wh in zip(sources, works)]
         outputs: list[np.ndarray | None] = [None] * len(sources)
@@ -118,34 +133,50 @@ class Regeneration:
                 outs = self._vae_round_trip([inputs[i] for i in idx])
             else:
                 outs = D.call_pipeline(
-                    self._loaded, [sources[i].seed for i in idx],
+                    self._loaded,
+                    [sources[i].seed for i in idx],
                     prompt=[prompts[i] for i in idx],
-                    negative_prompt=[p["negative_prompt"]] * len(idx) if p["negative_prompt"] else None,
+                    negative_prompt=[p["negative_prompt"]] * len(idx)
+                    if p["negative_prompt"]
+                    else None,
                     image=[Image.fromarray(inputs[i]) for i in idx],
-                    height=wh[0], width=wh[1], strength=p["strength"],
-                    num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"],
+                    height=wh[0],
+                    width=wh[1],
+                    strength=p["strength"],
+                    num_inference_steps=p["num_inference_steps"],
+                    guidance_scale=p["guidance_scale"],
                 )
             for i, out in zip(idx, outs):
                 outputs[i] = out
         forgeries = []
         for src, prompt, wh, out in zip(sources, prompts, works, outputs):
             h, w = src.image.shape[:2]
-            params = {"mode": p["mode"], "pipeline": self._loaded.pipeline_class,
-                      "dtype": self._loaded.dtype, "device": self._loaded.device,
-                      "work_size": list(wh)}
+            params = {
+                "mode": p["mode"],
+                "pipeline": self._loaded.pipeline_class,
+                "dtype": self._loaded.dtype,
+                "device": self._loaded.device,
+                "work_size": list(wh),
+            }
             if p["mode"] == "img2img":
-                params.update(prompt=prompt, negative_prompt=p["negative_prompt"],
-                              strength=p["strength"], steps=p["num_inference_steps"],
-                              guidance=p["guidance_scale"])
-            forgeries.append(Forgery(
-                image=D.resize(out, h, w),
-                mask=np.ones((h, w), bool),
-                local=False,
-                label="synthetic",
-                params=params,
-                model_id=self._loaded.model_id,
-                model_revision=self._loaded.model_revision,
-            ))
+                params.update(
+                    prompt=prompt,
+                    negative_prompt=p["negative_prompt"],
+                    strength=p["strength"],
+                    steps=p["num_inference_steps"],
+                    guidance=p["guidance_scale"],
+                )
+            forgeries.append(
+                Forgery(
+                    image=D.resize(out, h, w),
+                    mask=np.ones((h, w), bool),
+                    local=False,
+                    label="synthetic",
+                    params=params,
+                    model_id=self._loaded.model_id,
+                    model_revision=self._loaded.model_revision,
+                )
+            )
         return forgeries
 
     def _vae_round_trip(self, images: list[np.ndarray]) -> list[np.ndarray]:

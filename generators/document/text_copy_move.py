@@ -37,7 +37,9 @@ DEFAULTS: dict[str, Any] = {
 
 
 def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
-    return not (a[0] + a[2] <= b[0] or b[0] + b[2] <= a[0] or a[1] + a[3] <= b[1] or b[1] + b[3] <= a[1])
+    return not (
+        a[0] + a[2] <= b[0] or b[0] + b[2] <= a[0] or a[1] + a[3] <= b[1] or b[1] + b[3] <= a[1]
+    )
 
 
 class TextCopyMove:
@@ -52,10 +54,13 @@ class TextCopyMove:
         check_document_params(self.name, p)
         bad = [b for b in p["blends"] if b not in BLENDS]
         if bad or not p["blends"]:
-            raise ValueError(f"text_copy_move: blends {p['blends']!r}; allowed: {', '.join(BLENDS)}")
+            raise ValueError(
+                f"text_copy_move: blends {p['blends']!r}; allowed: {', '.join(BLENDS)}"
+            )
         if not 0 < float(p["height_tolerance"]) < 1:
-            raise ValueError(f"text_copy_move: height_tolerance {p['height_tolerance']!r}; "
-                             "allowed: 0 < t < 1")
+            raise ValueError(
+                f"text_copy_move: height_tolerance {p['height_tolerance']!r}; allowed: 0 < t < 1"
+            )
 
     def setup(self, device: str = "cpu") -> None:
         limit_ocr_threads()
@@ -71,8 +76,13 @@ class TextCopyMove:
         for i in order:
             src = words[int(i)]
             sbox = pad_box(src.box, max(1, src.h // 8), img.shape)
-            dests = [w for w in words if w is not src and abs(w.h - src.h) <= tol * src.h
-                     and not _overlaps(pad_box(w.box, max(1, w.h // 8), img.shape), sbox)]
+            dests = [
+                w
+                for w in words
+                if w is not src
+                and abs(w.h - src.h) <= tol * src.h
+                and not _overlaps(pad_box(w.box, max(1, w.h // 8), img.shape), sbox)
+            ]
             if dests:
                 break
         else:
@@ -95,13 +105,22 @@ class TextCopyMove:
         if blend == "box":
             region[:] = patch
         else:  # ink only: keep whichever pixel is darker (dark ink on a light page)
-            darker = cv2.cvtColor(patch, cv2.COLOR_RGB2GRAY) < cv2.cvtColor(region, cv2.COLOR_RGB2GRAY)
+            darker = cv2.cvtColor(patch, cv2.COLOR_RGB2GRAY) < cv2.cvtColor(
+                region, cv2.COLOR_RGB2GRAY
+            )
             region[darker] = patch[darker]
         mask = box_mask(ebox, img.shape) | box_mask((px, py, sw, sh), img.shape)
         return Forgery(
             image=out,
             mask=mask,
-            params={**p, "ocr_used": engine, "blend": blend, "dest_box": list(ebox),
-                    "dest_xy": [px, py], "text": src.text, "replaced_text": dst.text},
+            params={
+                **p,
+                "ocr_used": engine,
+                "blend": blend,
+                "dest_box": list(ebox),
+                "dest_xy": [px, py],
+                "text": src.text,
+                "replaced_text": dst.text,
+            },
             source_region=[sx, sy, sw, sh],
         )

@@ -66,6 +66,11 @@ class TextErase:
         return Forgery(
             image=out,
             mask=box_mask(box, img.shape),
-            params={**p, "ocr_used": engine, "box": list(box), "words": len(run),
-                    "erased_text": " ".join(w.text for w in run if w.text) or None},
+            params={
+                **p,
+                "ocr_used": engine,
+                "box": list(box),
+                "words": len(run),
+                "erased_text": " ".join(w.text for w in run if w.text) or None,
+            },
         )

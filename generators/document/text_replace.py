@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,13 @@ from generators.base import Forgery, SkipSample, Source, check_params
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "tesseract", "opencv")
-FONTS = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf",
-         "DejaVuSansMono.ttf")
+FONTS = (
+    "DejaVuSans.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSansMono.ttf",
+)
 
 # replacement vocabulary: common words of many lengths (numbers are drawn, not listed)
 VOCABULARY = (
@@ -75,7 +80,7 @@ class Word:
 def tesseract_available() -> bool:
     """True when pytesseract imports and the tesseract binary runs."""
     try:
-        import pytesseract  # noqa: PLC0415
+        import pytesseract
 
         if shutil.which(pytesseract.pytesseract.tesseract_cmd) is None:
             return False
@@ -92,7 +97,7 @@ def _gray(image: np.ndarray) -> np.ndarray:
 
 
 def _tesseract_words(gray: np.ndarray, min_conf: float) -> list[Word]:
-    import pytesseract  # noqa: PLC0415
+    import pytesseract
 
     d = pytesseract.image_to_data(gray, output_type=pytesseract.Output.DICT)
     words, lines = [], {}
@@ -102,8 +107,17 @@ def _tesseract_words(gray: np.ndarray, min_conf: float) -> list[Word]:
         if not text or conf < min_conf:
             continue
         line = lines.setdefault((d["block_num"][i], d["par_num"][i], d["line_num"][i]), len(lines))
-        words.append(Word(int(d["left"][i]), int(d["top"][i]), int(d["width"][i]),
-                          int(d["height"][i]), text, line, conf))
+        words.append(
+            Word(
+                int(d["left"][i]),
+                int(d["top"][i]),
+                int(d["width"][i]),
+                int(d["height"][i]),
+                text,
+                line,
+                conf,
+            )
+        )
     return words
 
 
@@ -111,8 +125,9 @@ def _opencv_words(gray: np.ndarray) -> list[Word]:
     """Words as horizontally merged ink components of an adaptively thresholded page."""
     h, w = gray.shape
     block = max(15, (min(h, w) // 12) | 1)
-    ink = cv2.adaptiveThreshold(gray, 255, cv2.ADAPTIVE_THRESH_GAUSSIAN_C, cv2.THRESH_BINARY_INV,
-                                block, 15)
+    ink = cv2.adaptiveThreshold(
+        gray, 255, cv2.ADAPTIVE_THRESH_GAUSSIAN_C, cv2.THRESH_BINARY_INV, block, 15
+    )
     n, _, stats, _ = cv2.connectedComponentsWithStats(ink, connectivity=8)
     hs = stats[1:, cv2.CC_STAT_HEIGHT]
     areas = stats[1:, cv2.CC_STAT_AREA]
@@ -143,8 +158,9 @@ def _opencv_words(gray: np.ndarray) -> list[Word]:
     return words
 
 
-def find_words(image: np.ndarray, engine: str = "auto", min_conf: float = 60.0,
-               min_height: int = 8) -> tuple[list[Word], str]:
+def find_words(
+    image: np.ndarray, engine: str = "auto", min_conf: float = 60.0, min_height: int = 8
+) -> tuple[list[Word], str]:
     """Word boxes on a page and the engine that found them.
 
     Words shorter than `min_height` px are dropped: too small to edit convincingly.
@@ -154,14 +170,25 @@ def find_words(image: np.ndarray, engine: str = "auto", min_conf: float = 60.0,
     gray = _gray(image)
     used = engine
     if engine == "tesseract" and not tesseract_available():
-        raise RuntimeError("ocr engine 'tesseract' requested but the tesseract binary is missing; "
-                           "install Debian's tesseract-ocr (apt-get install tesseract-ocr)")
+        raise RuntimeError(
+            "ocr engine 'tesseract' requested but the tesseract binary is missing; "
+            "install Debian's tesseract-ocr (apt-get install tesseract-ocr)"
+        )
     if engine == "auto":
         used = "tesseract" if tesseract_available() else "opencv"
     words = _tesseract_words(gray, min_conf) if used == "tesseract" else _opencv_words(gray)
     H, W = gray.shape
-    words = [wd for wd in words if wd.h >= min_height and wd.w >= 2 and wd.h < H / 3
-             and wd.x >= 0 and wd.y >= 0 and wd.x + wd.w <= W and wd.y + wd.h <= H]
+    words = [
+        wd
+        for wd in words
+        if wd.h >= min_height
+        and wd.w >= 2
+        and wd.h < H / 3
+        and wd.x >= 0
+        and wd.y >= 0
+        and wd.x + wd.w <= W
+        and wd.y + wd.h <= H
+    ]
     words.sort(key=lambda wd: (wd.line, wd.x))
     return words, used
 
@@ -171,13 +198,19 @@ def find_words(image: np.ndarray, engine: str = "auto", min_conf: float = 60.0,
 
 def _split_ink(lum: np.ndarray) -> tuple[float, bool]:
     """Otsu threshold of a luminance sample and whether ink is the dark side."""
-    t, _ = cv2.threshold(lum.astype(np.uint8).reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    t, _ = cv2.threshold(
+        lum.astype(np.uint8).reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU
+    )
     dark_is_ink = (lum <= t).mean() < 0.5
     return float(t), bool(dark_is_ink)
 
 
-def fill_background(image: np.ndarray, box: tuple[int, int, int, int], rng: np.random.Generator,
-                    ring: int | None = None) -> np.ndarray:
+def fill_background(
+    image: np.ndarray,
+    box: tuple[int, int, int, int],
+    rng: np.random.Generator,
+    ring: int | None = None,
+) -> np.ndarray:
     """`image` with `box` (x, y, w, h) replaced by the background around it.
 
     The background is a plane per channel fitted to the non-ink pixels of a ring around the
@@ -225,7 +258,9 @@ def ink_colour(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     if not ink.any():
         return np.median(patch.reshape(-1, 3), 0)
     # the core of the strokes, not their anti-aliased edges
-    core = ink & ((lum <= np.percentile(lum[ink], 60)) if dark_ink else (lum >= np.percentile(lum[ink], 40)))
+    core = ink & (
+        (lum <= np.percentile(lum[ink], 60)) if dark_ink else (lum >= np.percentile(lum[ink], 40))
+    )
     return np.median(patch[core if core.any() else ink].reshape(-1, 3), 0)
 
 
@@ -246,26 +281,28 @@ def ink_coverage(image: np.ndarray, box: tuple[int, int, int, int]) -> float:
 # --------------------------------------------------------------------------- rendering
 
 
-@lru_cache(maxsize=None)
+@cache
 def font_path(name: str) -> str:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name
     if not path.is_file():
-        raise FileNotFoundError(f"font {name!r} not found under {path.parent}; "
-                                f"allowed: {', '.join(FONTS)}")
+        raise FileNotFoundError(
+            f"font {name!r} not found under {path.parent}; allowed: {', '.join(FONTS)}"
+        )
     return str(path)
 
 
 @lru_cache(maxsize=256)
 def _font(name: str, size: int) -> Any:
-    from PIL import ImageFont  # noqa: PLC0415
+    from PIL import ImageFont
 
     return ImageFont.truetype(font_path(name), size)
 
 
-def render_word(text: str, font: str, ink_height: int, width: int, ref: str | None,
-                blur: float) -> tuple[np.ndarray, int, int]:
+def render_word(
+    text: str, font: str, ink_height: int, width: int, ref: str | None, blur: float
+) -> tuple[np.ndarray, int, int]:
     """Alpha (float32, 0..1) of `text` typeset so that the reference word's ink (`ref`, the
     word it replaces, when known) is `ink_height` px high, then squeezed or stretched so its
     ink is `width` px wide.
@@ -273,7 +310,7 @@ def render_word(text: str, font: str, ink_height: int, width: int, ref: str | No
     Returns (alpha, top, left): the alpha row where the reference ink starts and the alpha
     column where the new ink starts, for placing it over the old word's box.
     """
-    from PIL import Image, ImageDraw  # noqa: PLC0415
+    from PIL import Image, ImageDraw
 
     probe = 100
     f = _font(font, probe)
@@ -290,16 +327,18 @@ def render_word(text: str, font: str, ink_height: int, width: int, ref: str | No
     alpha = np.asarray(canvas, np.float32) / 255.0
     sx = max(1, width) / ink_w
     new_w = max(1, int(round(alpha.shape[1] * sx)))
-    alpha = cv2.resize(alpha, (new_w, alpha.shape[0]), interpolation=cv2.INTER_AREA if sx < 1
-                       else cv2.INTER_LINEAR)
+    alpha = cv2.resize(
+        alpha, (new_w, alpha.shape[0]), interpolation=cv2.INTER_AREA if sx < 1 else cv2.INTER_LINEAR
+    )
     if blur > 0:
         alpha = cv2.GaussianBlur(alpha, (0, 0), blur)
     alpha[alpha < 1.0 / 512] = 0.0  # no invisible tails: the mask covers every changed pixel
     return alpha, pad + (ref_box[1] - top), int(round(pad * sx))
 
 
-def composite_ink(image: np.ndarray, alpha: np.ndarray, colour: np.ndarray, x: int,
-                  y: int) -> tuple[np.ndarray, np.ndarray]:
+def composite_ink(
+    image: np.ndarray, alpha: np.ndarray, colour: np.ndarray, x: int, y: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Lays ink of `colour` with `alpha` onto `image` with alpha's (0, 0) at (x, y), clipped to
     the image; returns the new image and the bool mask of pixels the alpha covers."""
     H, W = image.shape[:2]
@@ -311,12 +350,16 @@ def composite_ink(image: np.ndarray, alpha: np.ndarray, colour: np.ndarray, x: i
         return out, mask
     a = alpha[y0 - y : y1 - y, x0 - x : x1 - x, None]
     region = out[y0:y1, x0:x1].astype(np.float32)
-    out[y0:y1, x0:x1] = (region * (1 - a) + colour[None, None, :] * a).round().clip(0, 255).astype(np.uint8)
+    out[y0:y1, x0:x1] = (
+        (region * (1 - a) + colour[None, None, :] * a).round().clip(0, 255).astype(np.uint8)
+    )
     mask[y0:y1, x0:x1] = a[..., 0] > 0
     return out, mask
 
 
-def pad_box(box: tuple[int, int, int, int], pad: int, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+def pad_box(
+    box: tuple[int, int, int, int], pad: int, shape: tuple[int, ...]
+) -> tuple[int, int, int, int]:
     """`box` grown by `pad` px on each side, clipped to an image of `shape`."""
     x, y, w, h = box
     H, W = shape[:2]
@@ -432,6 +475,13 @@ class TextReplace:
         return Forgery(
             image=out,
             mask=mask,
-            params={**p, "ocr_used": engine, "font": font, "box": list(word.box),
-                    "old_text": word.text, "new_text": new, "ink_rgb": [round(float(c)) for c in colour]},
+            params={
+                **p,
+                "ocr_used": engine,
+                "font": font,
+                "box": list(word.box),
+                "old_text": word.text,
+                "new_text": new,
+                "ink_rgb": [round(float(c)) for c in colour],
+            },
         )

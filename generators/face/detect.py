@@ -7,7 +7,7 @@ a face. Cascades are loaded once per process and cached.
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
+from functools import cache
 
 import cv2
 import numpy as np
@@ -22,14 +22,19 @@ EYE_GLASSES_CASCADE = "haarcascade_eye_tree_eyeglasses.xml"
 # detection runs on a copy no larger than this (longest side): speed, and cascades are
 # trained on small faces anyway
 _MAX_SIDE = 640
+# small images are enlarged up to this factor first: the cascades miss faces of 30-40 px
+# on one frame and find them on the next (astronaut at 160 px), and are stable once enlarged
+_MAX_UPSCALE = 2.0
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cascade(name: str) -> cv2.CascadeClassifier:
     path = cv2.data.haarcascades + name
     clf = cv2.CascadeClassifier(path)
     if clf.empty():
-        raise RuntimeError(f"could not load OpenCV cascade {path!r}; reinstall opencv-python-headless")
+        raise RuntimeError(
+            f"could not load OpenCV cascade {path!r}; reinstall opencv-python-headless"
+        )
     return clf
 
 
@@ -62,10 +67,11 @@ def detect_faces(image: np.ndarray, min_size_frac: float = 0.08) -> list[tuple[i
     if not 0 < min_size_frac < 1:
         raise ValueError(f"min_size_frac {min_size_frac!r}; allowed: 0 < min_size_frac < 1")
     h, w = image.shape[:2]
-    scale = min(1.0, _MAX_SIDE / max(h, w))
+    scale = min(_MAX_UPSCALE, _MAX_SIDE / max(h, w))
     gray = _gray(image)
-    if scale < 1.0:
-        gray = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    if scale != 1.0:
+        interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+        gray = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=interp)
     min_side = max(20, int(min(gray.shape) * min_size_frac))
     kw = {"scaleFactor": 1.1, "minSize": (min_side, min_side)}
     main = _cascade(FACE_CASCADE).detectMultiScale(gray, minNeighbors=5, **kw)
@@ -75,7 +81,7 @@ def detect_faces(image: np.ndarray, min_size_frac: float = 0.08) -> list[tuple[i
     faces = []
     for box in (tuple(int(v) for v in b) for b in main):
         if any(_overlap(box, tuple(int(v) for v in a)) > 0.5 for a in alt):
-            faces.append(tuple(int(round(v / scale)) for v in box))
+            faces.append(tuple(round(v / scale) for v in box))
     faces.sort(key=lambda b: b[2] * b[3], reverse=True)
     return faces
 
@@ -112,8 +118,11 @@ def detect_eyes(image: np.ndarray, face_box: tuple[int, int, int, int]) -> list[
     best: list[tuple[int, int]] = []
     for cascade, eq, neighbours in _EYE_PASSES:
         eyes = _cascade(cascade).detectMultiScale(
-            equalised if eq else plain, scaleFactor=1.1, minNeighbors=neighbours,
-            minSize=(15, 15), maxSize=(80, 80),
+            equalised if eq else plain,
+            scaleFactor=1.1,
+            minNeighbors=neighbours,
+            minSize=(15, 15),
+            maxSize=(80, 80),
         )
         if len(eyes) == 0:
             continue

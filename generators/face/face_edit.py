@@ -52,7 +52,7 @@ class FaceEdit:
     name = "face_edit"
     domain = "face"
     operation = "face_edit"
-    version = "1.0"
+    version = "1.1"
     task = "inpaint"
 
     def __init__(self, **params: Any):
@@ -62,8 +62,10 @@ class FaceEdit:
         for key, allowed in (("parts", PARTS), ("edits", EDITS)):
             bad = [v for v in p[key] if v not in allowed] if isinstance(p[key], list) else [p[key]]
             if bad or not p[key]:
-                raise ValueError(f"face_edit: {key} {p[key]!r}; allowed: a non-empty list of "
-                                 f"{', '.join(allowed)}")
+                raise ValueError(
+                    f"face_edit: {key} {p[key]!r}; allowed: a non-empty list of "
+                    f"{', '.join(allowed)}"
+                )
         if not 0 < p["min_face_frac"] < 1:
             raise ValueError(f"face_edit: min_face_frac {p['min_face_frac']!r}; allowed: 0 < x < 1")
         if not 0 <= p["feather"] <= 1:
@@ -84,13 +86,17 @@ class FaceEdit:
         return D.resources(device)
 
     def setup(self, device: str = "cpu") -> None:
-        if self.method == "diffusion" and (self._loaded is None or self._loaded.device != str(device)):
+        if self.method == "diffusion" and (
+            self._loaded is None or self._loaded.device != str(device)
+        ):
             self._loaded = D.load_pipeline(self.task, self.params, device)
 
     def generate(self, source: Source, rng: np.random.Generator) -> Forgery:
         return self.generate_batch([source], [rng])[0]
 
-    def generate_batch(self, sources: list[Source], rngs: list[np.random.Generator]) -> list[Forgery]:
+    def generate_batch(
+        self, sources: list[Source], rngs: list[np.random.Generator]
+    ) -> list[Forgery]:
         """Diffusion: one pipeline call per work size. Raises SkipSample (with `.key`) when a
         source has no face, before any model call, so the stage can retry one by one."""
         if len(sources) != len(rngs):
@@ -115,16 +121,25 @@ class FaceEdit:
         h, w = source.image.shape[:2]
         mask = np.zeros((h, w), np.uint8)
         for (cx, cy), (ax, ay), ang in ellipses:
-            cv2.ellipse(mask, (int(round(cx)), int(round(cy))), (max(2, int(ax)), max(2, int(ay))),
-                        ang, 0, 360, 255, -1)
+            cv2.ellipse(
+                mask,
+                (int(round(cx)), int(round(cy))),
+                (max(2, int(ax)), max(2, int(ay))),
+                ang,
+                0,
+                360,
+                255,
+                -1,
+            )
         if not mask.any():
             e = SkipSample(f"face_edit: the {part} region of {source.key} lies outside the image")
             e.key = source.key  # type: ignore[attr-defined]
             raise e
         return {"box": box, "part": part, "ellipses": ellipses, "mask": mask > 0}
 
-    def _part_ellipses(self, image: np.ndarray, box: tuple[int, int, int, int],
-                       part: str) -> list[tuple[tuple[float, float], tuple[float, float], float]]:
+    def _part_ellipses(
+        self, image: np.ndarray, box: tuple[int, int, int, int], part: str
+    ) -> list[tuple[tuple[float, float], tuple[float, float], float]]:
         """((cx, cy), (half axes), angle deg) per ellipse of the part, from eyes or the box."""
         x, y, w, h = box
         eyes = detect_eyes(image, box)
@@ -189,7 +204,9 @@ class FaceEdit:
         changed = np.zeros(mask.shape, bool)
         changed[y0:y1, x0:x1] = (out[y0:y1, x0:x1] != roi).any(axis=2)
         if not changed.any():
-            e = SkipSample(f"face_edit: {edit} of the {plan['part']} changed nothing in {source.key}")
+            e = SkipSample(
+                f"face_edit: {edit} of the {plan['part']} changed nothing in {source.key}"
+            )
             e.key = source.key  # type: ignore[attr-defined]
             raise e
         return Forgery(
@@ -197,8 +214,14 @@ class FaceEdit:
             mask=mask,
             local=True,
             label="tampered",
-            params={"method": "classical", "part": plan["part"], "edit": edit,
-                    "face_box": list(plan["box"]), "feather": p["feather"], **info},
+            params={
+                "method": "classical",
+                "part": plan["part"],
+                "edit": edit,
+                "face_box": list(plan["box"]),
+                "feather": p["feather"],
+                **info,
+            },
         )
 
     @staticmethod
@@ -254,10 +277,16 @@ class FaceEdit:
                 images.append(Image.fromarray(D.resize(crop, *wh)))
                 masks.append(Image.fromarray(((D.resize(mcrop, *wh) > 0) * 255).astype(np.uint8)))
             outs = D.call_pipeline(
-                self._loaded, [sources[i].seed for i in idx],
-                prompt=[plans[i]["prompt"] for i in idx], image=images, mask_image=masks,
-                height=wh[0], width=wh[1], strength=p["strength"],
-                num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"],
+                self._loaded,
+                [sources[i].seed for i in idx],
+                prompt=[plans[i]["prompt"] for i in idx],
+                image=images,
+                mask_image=masks,
+                height=wh[0],
+                width=wh[1],
+                strength=p["strength"],
+                num_inference_steps=p["num_inference_steps"],
+                guidance_scale=p["guidance_scale"],
             )
             for i, out in zip(idx, outs):
                 results[i] = out
@@ -266,18 +295,28 @@ class FaceEdit:
             wx, wy, side = pl["window"]
             image = src.image.copy()
             image[wy : wy + side, wx : wx + side] = D.resize(out, side, side)
-            forgeries.append(Forgery(
-                image=image,
-                mask=pl["mask"],
-                local=True,
-                label="tampered",
-                params={"method": "diffusion", "part": pl["part"], "prompt": pl["prompt"],
-                        "face_box": list(pl["box"]), "window": list(pl["window"]),
-                        "work_size": list(pl["work"]), "steps": p["num_inference_steps"],
-                        "guidance": p["guidance_scale"], "strength": p["strength"],
-                        "pipeline": self._loaded.pipeline_class, "dtype": self._loaded.dtype,
-                        "device": self._loaded.device},
-                model_id=self._loaded.model_id,
-                model_revision=self._loaded.model_revision,
-            ))
+            forgeries.append(
+                Forgery(
+                    image=image,
+                    mask=pl["mask"],
+                    local=True,
+                    label="tampered",
+                    params={
+                        "method": "diffusion",
+                        "part": pl["part"],
+                        "prompt": pl["prompt"],
+                        "face_box": list(pl["box"]),
+                        "window": list(pl["window"]),
+                        "work_size": list(pl["work"]),
+                        "steps": p["num_inference_steps"],
+                        "guidance": p["guidance_scale"],
+                        "strength": p["strength"],
+                        "pipeline": self._loaded.pipeline_class,
+                        "dtype": self._loaded.dtype,
+                        "device": self._loaded.device,
+                    },
+                    model_id=self._loaded.model_id,
+                    model_revision=self._loaded.model_revision,
+                )
+            )
         return forgeries

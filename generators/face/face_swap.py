@@ -51,7 +51,9 @@ def _similarity_from_boxes(d: tuple[int, ...], s: tuple[int, ...]) -> np.ndarray
     return np.array([[k, 0.0, t[0]], [0.0, k, t[1]]], np.float64)
 
 
-def face_ellipse(shape: tuple[int, ...], box: tuple[int, int, int, int], scale: float) -> np.ndarray:
+def face_ellipse(
+    shape: tuple[int, ...], box: tuple[int, int, int, int], scale: float
+) -> np.ndarray:
     """Bool mask of the face oval inside a cascade face box (brows to chin)."""
     x, y, w, h = box
     m = np.zeros(shape[:2], np.uint8)
@@ -76,7 +78,7 @@ class FaceSwap:
     name = "face_swap"
     domain = "face"
     operation = "face_swap"
-    version = "1.0"
+    version = "1.1"
     needs_donor = True
 
     def __init__(self, **params: Any):
@@ -124,8 +126,12 @@ class FaceSwap:
         if m is None:
             m = _similarity_from_boxes(dbox, sbox)
         h, w = img.shape[:2]
-        warped = cv2.warpAffine(donor, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-        valid = cv2.warpAffine(np.ones(donor.shape[:2], np.uint8), m, (w, h), flags=cv2.INTER_NEAREST)
+        warped = cv2.warpAffine(
+            donor, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
+        )
+        valid = cv2.warpAffine(
+            np.ones(donor.shape[:2], np.uint8), m, (w, h), flags=cv2.INTER_NEAREST
+        )
         mask = face_ellipse(img.shape, sbox, float(p["mask_scale"])) & (valid > 0)
         mask[:2] = mask[-2:] = False  # Poisson cloning ignores the frame
         mask[:, :2] = mask[:, -2:] = False
@@ -138,7 +144,13 @@ class FaceSwap:
         return Forgery(
             image=out,
             mask=mask,
-            params={**p, "blend": how, "align_used": align, "face_box": list(sbox),
-                    "donor_key": source.donor.key, "donor_face_box": list(dbox),
-                    "transform": [round(float(v), 5) for v in m.ravel()]},
+            params={
+                **p,
+                "blend": how,
+                "align_used": align,
+                "face_box": list(sbox),
+                "donor_key": source.donor.key,
+                "donor_face_box": list(dbox),
+                "transform": [round(float(v), 5) for v in m.ravel()],
+            },
         )

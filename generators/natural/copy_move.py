@@ -23,12 +23,14 @@ class CopyMove:
     name = "copy_move"
     domain = "natural"
     operation = "copy_move"
-    version = "1.0"
+    version = "1.1"
 
     def __init__(self, **params: Any):
         self.params = check_params(self.name, params, DEFAULTS)
         if self.params["shape"] not in ("ellipse", "polygon"):
-            raise ValueError(f"copy_move: shape {self.params['shape']!r}; allowed: ellipse, polygon")
+            raise ValueError(
+                f"copy_move: shape {self.params['shape']!r}; allowed: ellipse, polygon"
+            )
 
     def setup(self, device: str = "cpu") -> None:
         pass
@@ -44,29 +46,49 @@ class CopyMove:
         # region shape inside a rw x rh box
         shape = np.zeros((rh, rw), np.uint8)
         if p["shape"] == "ellipse":
-            cv2.ellipse(shape, (rw // 2, rh // 2), (max(1, rw // 2 - 1), max(1, rh // 2 - 1)),
-                        0, 0, 360, 255, -1)
+            cv2.ellipse(
+                shape,
+                (rw // 2, rh // 2),
+                (max(1, rw // 2 - 1), max(1, rh // 2 - 1)),
+                0,
+                0,
+                360,
+                255,
+                -1,
+            )
         else:
             n = int(rng.integers(5, 9))
             ang = np.sort(rng.uniform(0, 2 * np.pi, n))
             rad = rng.uniform(0.6, 1.0, n)
-            pts = np.stack([rw / 2 + rad * np.cos(ang) * (rw / 2 - 1),
-                            rh / 2 + rad * np.sin(ang) * (rh / 2 - 1)], 1).astype(np.int32)
+            pts = np.stack(
+                [
+                    rw / 2 + rad * np.cos(ang) * (rw / 2 - 1),
+                    rh / 2 + rad * np.sin(ang) * (rh / 2 - 1),
+                ],
+                1,
+            ).astype(np.int32)
             cv2.fillPoly(shape, [pts], 255)
         sx = int(rng.integers(0, max(1, w - rw)))
         sy = int(rng.integers(0, max(1, h - rh)))
         patch = img[sy : sy + rh, sx : sx + rw]
         angle = float(rng.uniform(-p["max_rotation"], p["max_rotation"]))
         scale = float(rng.uniform(*p["scale_range"]))
-        # rotate and scale the patch and its shape about the patch centre
-        m = cv2.getRotationMatrix2D((rw / 2, rh / 2), angle, scale)
-        cos, sin = abs(m[0, 0]), abs(m[0, 1])
-        ow, oh = int(rh * sin + rw * cos) + 1, int(rh * cos + rw * sin) + 1
-        ow, oh = min(ow, w), min(oh, h)
-        m[0, 2] += ow / 2 - rw / 2
-        m[1, 2] += oh / 2 - rh / 2
-        patch_t = cv2.warpAffine(patch, m, (ow, oh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-        shape_t = cv2.warpAffine(shape, m, (ow, oh), flags=cv2.INTER_NEAREST) > 127
+        if angle == 0.0 and scale == 1.0:
+            # a pure translation is an exact copy: no resampling (a warp would shift the patch
+            # by half a pixel and blur it)
+            patch_t, shape_t, ow, oh = patch.copy(), shape > 127, rw, rh
+        else:
+            # rotate and scale the patch and its shape about the patch centre
+            m = cv2.getRotationMatrix2D((rw / 2, rh / 2), angle, scale)
+            cos, sin = abs(m[0, 0]), abs(m[0, 1])
+            ow, oh = int(rh * sin + rw * cos) + 1, int(rh * cos + rw * sin) + 1
+            ow, oh = min(ow, w), min(oh, h)
+            m[0, 2] += ow / 2 - rw / 2
+            m[1, 2] += oh / 2 - rh / 2
+            patch_t = cv2.warpAffine(
+                patch, m, (ow, oh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
+            )
+            shape_t = cv2.warpAffine(shape, m, (ow, oh), flags=cv2.INTER_NEAREST) > 127
         # destination: far enough from the source that the move is visible
         for _ in range(20):
             dx = int(rng.integers(0, max(1, w - ow)))

@@ -24,9 +24,16 @@ DEFAULTS: dict[str, Any] = {
     **D.COMMON_DEFAULTS,
     "pipeline": None,  # null: StableDiffusionInstructPix2PixPipeline
     "instructions": [
-        "make it winter", "turn the sky into a sunset", "make it look like night",
-        "add snow on the ground", "turn it into autumn", "make the colours warmer",
-        "add fog", "make it rainy", "turn the grass yellow", "add a rainbow",
+        "make it winter",
+        "turn the sky into a sunset",
+        "make it look like night",
+        "add snow on the ground",
+        "turn it into autumn",
+        "make the colours warmer",
+        "add fog",
+        "make it rainy",
+        "turn the grass yellow",
+        "add a rainbow",
     ],
     "negative_prompt": None,
     "image_guidance_scale": 1.5,  # how closely the output follows the input image
@@ -47,14 +54,17 @@ class InstructEdit:
         p = self.params
         D.validate_common(self.name, p)
         if not p["instructions"] or not all(isinstance(s, str) for s in p["instructions"]):
-            raise ValueError(f"edit: instructions {p['instructions']!r}; allowed: a non-empty list "
-                             "of strings")
+            raise ValueError(
+                f"edit: instructions {p['instructions']!r}; allowed: a non-empty list of strings"
+            )
         if not 0 <= p["diff_threshold"] < 255:
             raise ValueError(f"edit: diff_threshold {p['diff_threshold']!r}; allowed: 0..254")
         if not isinstance(p["morph_radius"], int) or p["morph_radius"] < 0:
             raise ValueError(f"edit: morph_radius {p['morph_radius']!r}; allowed: an integer >= 0")
         if p["image_guidance_scale"] < 0:
-            raise ValueError(f"edit: image_guidance_scale {p['image_guidance_scale']!r}; allowed: >= 0")
+            raise ValueError(
+                f"edit: image_guidance_scale {p['image_guidance_scale']!r}; allowed: >= 0"
+            )
         self._loaded: D.Loaded | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -70,7 +80,9 @@ class InstructEdit:
     def generate(self, source: Source, rng: np.random.Generator) -> Forgery:
         return self.generate_batch([source], [rng])[0]
 
-    def generate_batch(self, sources: list[Source], rngs: list[np.random.Generator]) -> list[Forgery]:
+    def generate_batch(
+        self, sources: list[Source], rngs: list[np.random.Generator]
+    ) -> list[Forgery]:
         """One pipeline call per work size (aspect ratio kept); raises SkipSample naming the
         key when an edit changed nothing visible (the stage then retries one by one)."""
         if len(sources) != len(rngs):
@@ -85,12 +97,15 @@ class InstructEdit:
         for wh in dict.fromkeys(works):
             idx = [i for i, x in enumerate(works) if x == wh]
             outs = D.call_pipeline(
-                self._loaded, [sources[i].seed for i in idx],
+                self._loaded,
+                [sources[i].seed for i in idx],
                 prompt=[prompts[i] for i in idx],
                 negative_prompt=[p["negative_prompt"]] * len(idx) if p["negative_prompt"] else None,
                 image=[Image.fromarray(inputs[i]) for i in idx],
-                height=wh[0], width=wh[1],
-                num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"],
+                height=wh[0],
+                width=wh[1],
+                num_inference_steps=p["num_inference_steps"],
+                guidance_scale=p["guidance_scale"],
                 image_guidance_scale=p["image_guidance_scale"],
             )
             for i, out in zip(idx, outs):
@@ -104,28 +119,30 @@ class InstructEdit:
                 e.key = src.key  # type: ignore[attr-defined]
                 raise e
             mask = cv2.resize(small.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
-            forgeries.append(Forgery(
-                image=D.resize(out, h, w),
-                mask=mask,
-                local=True,
-                label="tampered",
-                mask_known=False,
-                params={
-                    "prompt": prompt,
-                    "negative_prompt": p["negative_prompt"],
-                    "steps": p["num_inference_steps"],
-                    "guidance": p["guidance_scale"],
-                    "image_guidance": p["image_guidance_scale"],
-                    "pipeline": self._loaded.pipeline_class,
-                    "dtype": self._loaded.dtype,
-                    "device": self._loaded.device,
-                    "work_size": list(wh),
-                    "diff_threshold": p["diff_threshold"],
-                    "morph_radius": p["morph_radius"],
-                },
-                model_id=self._loaded.model_id,
-                model_revision=self._loaded.model_revision,
-            ))
+            forgeries.append(
+                Forgery(
+                    image=D.resize(out, h, w),
+                    mask=mask,
+                    local=True,
+                    label="tampered",
+                    mask_known=False,
+                    params={
+                        "prompt": prompt,
+                        "negative_prompt": p["negative_prompt"],
+                        "steps": p["num_inference_steps"],
+                        "guidance": p["guidance_scale"],
+                        "image_guidance": p["image_guidance_scale"],
+                        "pipeline": self._loaded.pipeline_class,
+                        "dtype": self._loaded.dtype,
+                        "device": self._loaded.device,
+                        "work_size": list(wh),
+                        "diff_threshold": p["diff_threshold"],
+                        "morph_radius": p["morph_radius"],
+                    },
+                    model_id=self._loaded.model_id,
+                    model_revision=self._loaded.model_revision,
+                )
+            )
         return forgeries
 
     def _diff_mask(self, before: np.ndarray, after: np.ndarray) -> np.ndarray:

@@ -23,9 +23,21 @@ DEFAULTS: dict[str, Any] = {
     "pipeline": None,  # null: StableDiffusionInpaintPipeline; or AutoPipelineForInpainting,
     # StableDiffusionXLInpaintPipeline, FluxFillPipeline, ... with a matching `model`
     "prompts": [
-        "a cat", "a dog", "a potted plant", "a red car", "a wooden chair", "a stone wall",
-        "green grass", "a person walking", "a bird", "a pile of books", "an empty background",
-        "a window", "a bicycle", "a lamp", "flowers",
+        "a cat",
+        "a dog",
+        "a potted plant",
+        "a red car",
+        "a wooden chair",
+        "a stone wall",
+        "green grass",
+        "a person walking",
+        "a bird",
+        "a pile of books",
+        "an empty background",
+        "a window",
+        "a bicycle",
+        "a lamp",
+        "flowers",
     ],
     "negative_prompt": None,
     "strength": 1.0,  # 1.0 ignores the masked content; lower keeps some of it
@@ -48,10 +60,14 @@ class DiffusersInpaint:
         p = self.params
         D.validate_common(self.name, p)
         if not p["prompts"] or not all(isinstance(s, str) for s in p["prompts"]):
-            raise ValueError(f"inpaint: prompts {p['prompts']!r}; allowed: a non-empty list of strings")
+            raise ValueError(
+                f"inpaint: prompts {p['prompts']!r}; allowed: a non-empty list of strings"
+            )
         if not 0 < p["min_frac"] <= p["max_frac"] < 1:
-            raise ValueError(f"inpaint: min_frac {p['min_frac']!r}, max_frac {p['max_frac']!r}; "
-                             "allowed: 0 < min_frac <= max_frac < 1")
+            raise ValueError(
+                f"inpaint: min_frac {p['min_frac']!r}, max_frac {p['max_frac']!r}; "
+                "allowed: 0 < min_frac <= max_frac < 1"
+            )
         if p["shape"] not in ("ellipse", "polygon", "random"):
             raise ValueError(f"inpaint: shape {p['shape']!r}; allowed: ellipse, polygon, random")
         if not 0 < p["strength"] <= 1:
@@ -73,7 +89,9 @@ class DiffusersInpaint:
     def generate(self, source: Source, rng: np.random.Generator) -> Forgery:
         return self.generate_batch([source], [rng])[0]
 
-    def generate_batch(self, sources: list[Source], rngs: list[np.random.Generator]) -> list[Forgery]:
+    def generate_batch(
+        self, sources: list[Source], rngs: list[np.random.Generator]
+    ) -> list[Forgery]:
         """One pipeline call per work size (one call when `size` is set: all crops are square)."""
         if len(sources) != len(rngs):
             raise ValueError(f"inpaint: {len(sources)} sources but {len(rngs)} rngs")
@@ -100,11 +118,16 @@ class DiffusersInpaint:
                 # area-resize then any coverage: the model never sees less than the mask
                 masks.append(Image.fromarray(((D.resize(mcrop, *wh) > 0) * 255).astype(np.uint8)))
             outs = D.call_pipeline(
-                self._loaded, [sources[i].seed for i in idx],
+                self._loaded,
+                [sources[i].seed for i in idx],
                 prompt=[plans[i]["prompt"] for i in idx],
                 negative_prompt=[p["negative_prompt"]] * len(idx) if p["negative_prompt"] else None,
-                image=images, mask_image=masks, height=wh[0], width=wh[1],
-                num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"],
+                image=images,
+                mask_image=masks,
+                height=wh[0],
+                width=wh[1],
+                num_inference_steps=p["num_inference_steps"],
+                guidance_scale=p["guidance_scale"],
                 strength=p["strength"],
             )
             for i, out in zip(idx, outs):
@@ -114,15 +137,17 @@ class DiffusersInpaint:
             x, y, side = pl["window"]
             image = src.image.copy()
             image[y : y + side, x : x + side] = D.resize(out, side, side)
-            forgeries.append(Forgery(
-                image=image,
-                mask=pl["mask"],
-                local=True,
-                label="tampered",
-                params=self._provenance(pl),
-                model_id=self._loaded.model_id,
-                model_revision=self._loaded.model_revision,
-            ))
+            forgeries.append(
+                Forgery(
+                    image=image,
+                    mask=pl["mask"],
+                    local=True,
+                    label="tampered",
+                    params=self._provenance(pl),
+                    model_id=self._loaded.model_id,
+                    model_revision=self._loaded.model_revision,
+                )
+            )
         return forgeries
 
     def _provenance(self, plan: dict[str, Any]) -> dict[str, Any]:

@@ -43,13 +43,18 @@ class Removal:
         if bad or not p["methods"]:
             raise ValueError(f"removal: methods {p['methods']!r}; allowed: {', '.join(METHODS)}")
         if p["segmentation"] not in SEGMENTATIONS:
-            raise ValueError(f"removal: segmentation {p['segmentation']!r}; "
-                             f"allowed: {', '.join(SEGMENTATIONS)}")
+            raise ValueError(
+                f"removal: segmentation {p['segmentation']!r}; allowed: {', '.join(SEGMENTATIONS)}"
+            )
         if not 0 < p["min_frac"] <= p["max_frac"] < 0.5:
-            raise ValueError(f"removal: need 0 < min_frac <= max_frac < 0.5, got "
-                             f"{p['min_frac']!r}, {p['max_frac']!r}")
+            raise ValueError(
+                f"removal: need 0 < min_frac <= max_frac < 0.5, got "
+                f"{p['min_frac']!r}, {p['max_frac']!r}"
+            )
         if int(p["radius"]) < 1 or int(p["grow"]) < 0:
-            raise ValueError(f"removal: radius {p['radius']!r} must be >= 1, grow {p['grow']!r} >= 0")
+            raise ValueError(
+                f"removal: radius {p['radius']!r} must be >= 1, grow {p['grow']!r} >= 0"
+            )
 
     def setup(self, device: str = "cpu") -> None:
         pass
@@ -68,8 +73,12 @@ class Removal:
         if region.all():
             raise SkipSample("removal region covers the whole image")
         method = str(rng.choice(p["methods"]))
-        filled = cv2.inpaint(np.ascontiguousarray(img), region.astype(np.uint8) * 255,
-                             float(p["radius"]), METHODS[method])
+        filled = cv2.inpaint(
+            np.ascontiguousarray(img),
+            region.astype(np.uint8) * 255,
+            float(p["radius"]),
+            METHODS[method],
+        )
         out = np.where(region[..., None], filled, img)  # inpaint only writes inside; made sure
         return Forgery(
             image=out,

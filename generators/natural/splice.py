@@ -42,10 +42,12 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
-def _segments_region(small: np.ndarray, rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
+def _segments_region(
+    small: np.ndarray, rng: np.random.Generator, lo: float, hi: float
+) -> np.ndarray:
     """A region of Felzenszwalb segments: one object-sized segment, or a seed segment grown
     by its most similar neighbours until it reaches a drawn target size."""
-    from skimage.segmentation import felzenszwalb  # noqa: PLC0415
+    from skimage.segmentation import felzenszwalb
 
     h, w = small.shape[:2]
     labels = felzenszwalb(small, scale=float(rng.choice([50, 100, 200])), sigma=0.8, min_size=30)
@@ -60,10 +62,12 @@ def _segments_region(small: np.ndarray, rng: np.random.Generator, lo: float, hi:
     lab = small.reshape(-1, 3).astype(np.float64)
     mean = np.stack([np.bincount(labels.ravel(), lab[:, c], n) for c in range(3)], 1)
     mean /= np.maximum(np.bincount(labels.ravel(), minlength=n), 1)[:, None]
-    pairs = np.concatenate([
-        np.stack([labels[:, :-1].ravel(), labels[:, 1:].ravel()], 1),
-        np.stack([labels[:-1].ravel(), labels[1:].ravel()], 1),
-    ])
+    pairs = np.concatenate(
+        [
+            np.stack([labels[:, :-1].ravel(), labels[:, 1:].ravel()], 1),
+            np.stack([labels[:-1].ravel(), labels[1:].ravel()], 1),
+        ]
+    )
     pairs = np.unique(np.sort(pairs[pairs[:, 0] != pairs[:, 1]], 1), axis=0)
     adj = np.zeros((n, n), bool)
     adj[pairs[:, 0], pairs[:, 1]] = adj[pairs[:, 1], pairs[:, 0]] = True
@@ -88,7 +92,9 @@ def _segments_region(small: np.ndarray, rng: np.random.Generator, lo: float, hi:
     return region[labels]
 
 
-def _grabcut_region(small: np.ndarray, rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
+def _grabcut_region(
+    small: np.ndarray, rng: np.random.Generator, lo: float, hi: float
+) -> np.ndarray:
     """GrabCut foreground inside a random box about twice the target area."""
     h, w = small.shape[:2]
     target = rng.uniform(lo, hi) * 2.0
@@ -99,8 +105,15 @@ def _grabcut_region(small: np.ndarray, rng: np.random.Generator, lo: float, hi: 
     gc = np.zeros((h, w), np.uint8)
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     cv2.setRNGSeed(int(rng.integers(0, 2**31 - 1)))  # GrabCut's k-means uses OpenCV's RNG
-    cv2.grabCut(cv2.cvtColor(small, cv2.COLOR_RGB2BGR), gc, (x, y, bw, bh), bgd, fgd, 3,
-                cv2.GC_INIT_WITH_RECT)
+    cv2.grabCut(
+        cv2.cvtColor(small, cv2.COLOR_RGB2BGR),
+        gc,
+        (x, y, bw, bh),
+        bgd,
+        fgd,
+        3,
+        cv2.GC_INIT_WITH_RECT,
+    )
     return (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
 
 
@@ -119,8 +132,13 @@ def _blob(h: int, w: int, rng: np.random.Generator, frac: float) -> np.ndarray:
     return cv2.GaussianBlur(m.astype(np.float32), (k, k), 0) > 0.5
 
 
-def object_mask(image: np.ndarray, rng: np.random.Generator, min_frac: float, max_frac: float,
-                method: str = "segments") -> tuple[np.ndarray, str]:
+def object_mask(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    min_frac: float,
+    max_frac: float,
+    method: str = "segments",
+) -> tuple[np.ndarray, str]:
     """An object-shaped bool mask over `image` covering about [min_frac, max_frac] of it.
 
     Returns (mask, how): how is the method that produced it, or "blob" when segmentation
@@ -130,8 +148,12 @@ def object_mask(image: np.ndarray, rng: np.random.Generator, min_frac: float, ma
         raise ValueError(f"segmentation {method!r}; allowed: {', '.join(SEGMENTATIONS)}")
     h, w = image.shape[:2]
     s = min(1.0, WORK_SIDE / max(h, w))
-    small = cv2.resize(image, (max(8, round(w * s)), max(8, round(h * s))), interpolation=cv2.INTER_AREA)
-    region = (_grabcut_region if method == "grabcut" else _segments_region)(small, rng, min_frac, max_frac)
+    small = cv2.resize(
+        image, (max(8, round(w * s)), max(8, round(h * s))), interpolation=cv2.INTER_AREA
+    )
+    region = (_grabcut_region if method == "grabcut" else _segments_region)(
+        small, rng, min_frac, max_frac
+    )
     region = ndimage.binary_fill_holes(_largest_component(region))
     frac = region.mean()
     how = method
@@ -157,8 +179,9 @@ def feather_alpha(mask: np.ndarray, width: float) -> np.ndarray:
     return np.clip(dist / max(float(width), 1.0), 0.0, 1.0)
 
 
-def blend(target: np.ndarray, content: np.ndarray, mask: np.ndarray, how: str,
-          feather: float) -> np.ndarray:
+def blend(
+    target: np.ndarray, content: np.ndarray, mask: np.ndarray, how: str, feather: float
+) -> np.ndarray:
     """Composites `content` (aligned with `target`, same size) into `target` over `mask`.
 
     Every changed pixel lies inside `mask`. `mask` must not touch the image border for the
@@ -195,11 +218,14 @@ class Splice:
         if bad or not p["blends"]:
             raise ValueError(f"splice: blends {p['blends']!r}; allowed: {', '.join(BLENDS)}")
         if p["segmentation"] not in SEGMENTATIONS:
-            raise ValueError(f"splice: segmentation {p['segmentation']!r}; "
-                             f"allowed: {', '.join(SEGMENTATIONS)}")
+            raise ValueError(
+                f"splice: segmentation {p['segmentation']!r}; allowed: {', '.join(SEGMENTATIONS)}"
+            )
         if not 0 < p["min_frac"] <= p["max_frac"] < 0.6:
-            raise ValueError(f"splice: need 0 < min_frac <= max_frac < 0.6, got "
-                             f"{p['min_frac']!r}, {p['max_frac']!r}")
+            raise ValueError(
+                f"splice: need 0 < min_frac <= max_frac < 0.6, got "
+                f"{p['min_frac']!r}, {p['max_frac']!r}"
+            )
 
     def setup(self, device: str = "cpu") -> None:
         pass
@@ -222,7 +248,9 @@ class Splice:
         s = np.sqrt(target / max(1, pmask.sum()))
         s = min(s, 0.8 * (w - 4) / bw, 0.8 * (h - 4) / bh)
         pw, ph = max(4, round(bw * s)), max(4, round(bh * s))
-        patch = cv2.resize(patch, (pw, ph), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+        patch = cv2.resize(
+            patch, (pw, ph), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC
+        )
         pmask = cv2.resize(pmask.astype(np.float32), (pw, ph), interpolation=cv2.INTER_LINEAR) > 0.5
         pmask = _largest_component(pmask)
         if not pmask.any():
@@ -239,7 +267,13 @@ class Splice:
         return Forgery(
             image=out,
             mask=mask,
-            params={**p, "blend": blend_how, "segmentation_used": how, "donor_key": donor.key,
-                    "donor_region": [bx, by, bw, bh], "scale": round(float(s), 4),
-                    "dest_xy": [dx, dy]},
+            params={
+                **p,
+                "blend": blend_how,
+                "segmentation_used": how,
+                "donor_key": donor.key,
+                "donor_region": [bx, by, bw, bh],
+                "scale": round(float(s), 4),
+                "dest_xy": [dx, dy],
+            },
         )
