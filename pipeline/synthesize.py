@@ -236,6 +236,8 @@ class _Worker:
             kind="synthesized",
             parent_key=src.key,
             stage="synthesize",
+            # a splice or face swap carries the donor's pixels: split keeps both groups together
+            extra=dumps_json({"donor_key": job["donor"]["key"]}) if job.get("donor") else None,
         )
 
     def _failed(self, job, src, status, error) -> Record:

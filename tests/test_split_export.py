@@ -170,7 +170,7 @@ def pipeline_run(tmp_path_factory):
          "license": "BSD-3-Clause", "path": str(folder)}])
     params = make_params(
         tmp, [corpus],
-        synthesize={"generators": {"copy_move": {}, "removal": {}, "gan_synthesis": {}}, "per_source": 2},
+        synthesize={"generators": {"copy_move": {}, "splice": {}, "gan_synthesis": {}}, "per_source": 2},
         split={"ratios": {"train": 0.5, "val": 0.25, "test": 0.25}},
         export={"exports": {"bal": {"fractions": [0.5, 1.0]}, "all": {"balance": False, "imdl": False}}},
     )
@@ -216,6 +216,16 @@ def test_export_writes_nested_readable_shard_sets_with_card_and_imdl(pipeline_ru
             m = np.asarray(Image.open(out / "bal-100pct" / "imdl" / mask))
             assert set(np.unique(m)) <= {0, 255} and m.any()
     assert not (out / "all" / "imdl").exists()
+
+
+def test_splice_donors_share_the_split_of_their_forgery(pipeline_run):
+    rows = {r.key: r for r in read_records(pipeline_run.data / "manifest.parquet")}
+    splices = [r for r in rows.values() if r.generator == "splice" and r.status == "ok"]
+    assert splices
+    for r in splices:
+        donor = json.loads(r.extra)["donor_key"]
+        assert donor in rows and donor != r.parent_key
+        assert rows[donor].split == r.split == rows[r.parent_key].split
 
 
 def test_export_rerun_removes_stale_exports(pipeline_run, tmp_path):
