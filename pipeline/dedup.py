@@ -9,11 +9,13 @@ The near-duplicate search (`HammingIndex`) is exact radius search in Hamming spa
 multi-index hashing: the 64 bits are cut into chunks with a radius each such that two hashes
 within `threshold` bits agree within radius on at least one chunk (pigeonhole), and each
 chunk is cut into blocks such that a chunk within radius `r` agrees exactly on at least
-`blocks - r` of them. Every choice of exact blocks is one *table*: sort by those bits, pair
-the rows that share them, verify the full distance with a popcount. Each table costs one
-sort of N keys, independent tables can run on different workers, and the number of tables is
-planned for `capacity` hashes so that the candidate pairs per table stay about linear in N up
-to that size; no all-pairs comparison happens anywhere.
+`blocks - r` of them. Every choice of exact blocks is one *table*: permute the bits so the
+table's bits are on top (Hamming distance does not change), sort, and compare neighbours
+inside each run of equal top bits with XOR + popcount. Each table costs one sort of N
+uint64 and sequential passes, independent tables can run on different workers, and the
+number of tables is planned for `capacity` hashes so that the candidate pairs per table stay
+about linear in N up to that size: 10x more hashes cost about 10-12x the time (see
+`bench/bench_dedup.py`); no all-pairs comparison happens anywhere.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 HASH_BITS = 64
 _U64 = np.uint64
+_BLOCK = 1 << 15  # elements per cache-sized block of elementwise passes
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,8 @@ def _merge_runs(blocks: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     return tuple((s, w) for s, w in runs)
 
 
-def _chunk_tables(offset: int, length: int, radius: int, n: float) -> tuple[float, list[Table]]:
-    """Cheapest block count for one chunk: (estimated cost per hash, tables)."""
+def _chunk_plan(offset: int, length: int, radius: int, n: float) -> tuple[float, int]:
+    """Cheapest block count for one chunk: (estimated cost per hash, number of blocks)."""
     best: tuple[float, int] | None = None
     for nblocks in range(radius + 1, length + 1):
         ntables = comb(nblocks, radius)
@@ -107,18 +110,21 @@ def _chunk_tables(offset: int, length: int, radius: int, n: float) -> tuple[floa
             break
         sizes = sorted(w for _, w in _split_bits(offset, length, nblocks))
         kmin = sum(sizes[: nblocks - radius])
-        # one sort per table plus the candidate pairs it makes (about n / 2^bits per hash)
+        # one sort per table plus the candidate pairs it makes (about n / 2^bits per hash);
+        # measured: a candidate costs about a third of a hash's share of the sort
         cost = ntables * (1.0 + 0.3 * n / 2.0 / 2.0**kmin)
         if best is None or cost < best[0]:
             best = (cost, nblocks)
     if best is None:
         raise ValueError(f"no table plan for a {length}-bit chunk at radius {radius}")
-    blocks = _split_bits(offset, length, best[1])
-    tables = [
-        Table(_merge_runs([blocks[i] for i in exact]))
-        for exact in combinations(range(best[1]), best[1] - radius)
-    ]
-    return best[0], tables
+    return best
+
+
+def _chunk_tables(offset: int, length: int, radius: int, nblocks: int) -> list[Table]:
+    """One table per choice of `nblocks - radius` blocks that must match exactly."""
+    blocks = _split_bits(offset, length, nblocks)
+    return [Table(_merge_runs([blocks[i] for i in exact]))
+            for exact in combinations(range(nblocks), nblocks - radius)]
 
 
 def plan_tables(threshold: int, n: int) -> list[Table]:
@@ -131,67 +137,129 @@ def plan_tables(threshold: int, n: int) -> list[Table]:
     if not 0 <= threshold < HASH_BITS:
         raise ValueError(f"threshold {threshold}; allowed: 0..{HASH_BITS - 1}")
     n = max(2, int(n))
-    best: tuple[float, list[Table]] | None = None
+    best: tuple[float, list[tuple[int, int, int, int]]] | None = None
     for m in range(1, min(threshold + 1, 16) + 1):
         chunks = _split_bits(0, HASH_BITS, m)
         spare = threshold + 1 - m  # sum of radii
         radii = [spare // m + (1 if i < spare % m else 0) for i in range(m)]
-        cost, tables = 0.0, []
+        cost, plan = 0.0, []
         try:
             for (off, length), r in zip(chunks, radii):
-                c, t = _chunk_tables(off, length, r, n)
+                c, nblocks = _chunk_plan(off, length, r, n)
                 cost += c
-                tables += t
+                plan.append((off, length, r, nblocks))
         except ValueError:
             continue
         if best is None or cost < best[0]:
-            best = (cost, tables)
+            best = (cost, plan)
     if best is None:  # unreachable: threshold + 1 chunks at radius 0 always plan
         raise RuntimeError(f"no table plan for threshold {threshold}")
-    return best[1]
+    return [t for chunk in best[1] for t in _chunk_tables(*chunk)]
 
 
-def _table_key(hashes: np.ndarray, table: Table) -> np.ndarray:
-    key = np.zeros(hashes.shape, _U64)
-    pos = 0
-    for shift, width in table.runs:
-        part = (hashes >> _U64(shift)) & _U64((1 << width) - 1)
-        key |= part << _U64(pos) if pos else part
-        pos += width
-    return key
+@dataclass(frozen=True)
+class _Permutation:
+    """A bit permutation that moves one table's key bits to the top of the word.
+
+    Hamming distance is invariant under it, so after one sort of the permuted hashes the
+    rows that share a key are adjacent, and XOR of two neighbours gives both "same key"
+    (the top `bits` bits are zero) and their distance (the popcount): no row index, no
+    random gather. Delta swaps close the gaps between the key's runs, then a rotation lifts
+    the merged run to the top; both are cheap in-place passes and exactly invertible.
+    """
+
+    ops: tuple[tuple[str, int, int], ...]  # ("swap", mask, shift) | ("rot", left, 0)
+    bits: int
+
+    @classmethod
+    def of(cls, table: Table) -> _Permutation:
+        runs = sorted(table.runs)
+        start, width = runs[0]
+        ops: list[tuple[str, int, int]] = []
+        for s, w in runs[1:]:
+            gap, end = s - (start + width), start + width
+            if gap:  # swap the gap's first bits with the run (or the run's top with the gap)
+                ops.append(("swap", ((1 << min(gap, w)) - 1) << end, max(gap, w)))
+            width += w
+        left = (HASH_BITS - (start + width)) % HASH_BITS
+        if left:
+            ops.append(("rot", left, 0))
+        return cls(tuple(ops), width)
+
+    @staticmethod
+    def _apply(x: np.ndarray, ops: list[tuple[str, int, int]], invert: bool) -> np.ndarray:
+        x = np.array(x, _U64, copy=True)
+        tmp = np.empty(min(len(x), _BLOCK), _U64)
+        for s in range(0, len(x), _BLOCK):  # blocks that stay in cache across the passes
+            xb = x[s : s + _BLOCK]
+            t = tmp[: len(xb)]
+            for op, a, d in ops:
+                if op == "swap":  # t = ((x >> d) ^ x) & m; x ^= t ^ (t << d)
+                    np.right_shift(xb, _U64(d), out=t)
+                    t ^= xb
+                    t &= _U64(a)
+                    xb ^= t
+                    t <<= _U64(d)
+                    xb ^= t
+                else:
+                    left = HASH_BITS - a if invert else a
+                    np.right_shift(xb, _U64(HASH_BITS - left), out=t)
+                    xb <<= _U64(left)
+                    xb |= t
+        return x
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self._apply(x, list(self.ops), invert=False)
+
+    def inverse(self, x: np.ndarray) -> np.ndarray:
+        return self._apply(x, list(reversed(self.ops)), invert=True)
+
+    @property
+    def low(self) -> np.uint64:
+        """Mask of the non-key bits: two permuted hashes share the key iff XOR <= low."""
+        return _U64((1 << (HASH_BITS - self.bits)) - 1)
 
 
-def table_pairs(hashes: np.ndarray, table: Table, threshold: int) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (a < b) of `hashes` that share `table`'s key and are within `threshold`."""
-    n = len(hashes)
+def table_pairs(unique: np.ndarray, table: Table, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (a < b) of sorted distinct `unique` that share `table`'s key within `threshold`.
+
+    Sort the permuted hashes, then compare neighbours at offset d = 1, 2, ... inside each
+    bucket until no bucket is longer than d: all reads are sequential. Matches are mapped
+    back to indices by inverting the permutation and a binary search in `unique`.
+    """
+    empty = np.empty(0, np.int64), np.empty(0, np.int64)
+    n = len(unique)
     if n < 2:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    idx_bits = max(1, (n - 1).bit_length())
-    key = _table_key(hashes, table)
-    spare = HASH_BITS - idx_bits
-    if table.bits > spare:  # fewer key bits: more candidates, never fewer true pairs
-        key >>= _U64(table.bits - spare)
-    packed = (key << _U64(idx_bits)) | np.arange(n, dtype=_U64)
-    packed.sort()
-    keys = packed >> _U64(idx_bits)
-    order = (packed & _U64((1 << idx_bits) - 1)).astype(np.int64)
-    del packed, key
-    cur = np.flatnonzero(keys[1:] == keys[:-1])
-    out_a, out_b = [], []
+        return empty
+    if unique.dtype != _U64 or not (unique[1:] > unique[:-1]).all():
+        raise ValueError("table_pairs: hashes must be sorted, distinct uint64 (HammingIndex.unique)")
+    return _table_pairs(unique, table, threshold)
+
+
+def _table_pairs(unique: np.ndarray, table: Table, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+    empty = np.empty(0, np.int64), np.empty(0, np.int64)
+    n = len(unique)
+    perm = _Permutation.of(table)
+    v = perm.forward(unique)
+    v.sort()
+    same = (v[1:] ^ v[:-1]) <= perm.low  # row i and i + 1 share the key
+    cur = np.flatnonzero(same)
+    hits_a, hits_b = [], []
     d = 1
     while cur.size:
-        a, b = order[cur], order[cur + d]
-        ok = np.bitwise_count(hashes[a] ^ hashes[b]) <= threshold
+        ok = np.bitwise_count(v[cur] ^ v[cur + d]) <= threshold
         if ok.any():
-            a, b = a[ok], b[ok]
-            out_a.append(np.minimum(a, b))
-            out_b.append(np.maximum(a, b))
+            hits_a.append(v[cur[ok]])
+            hits_b.append(v[cur[ok] + d])
+        # rows i and i + d + 1 share the key iff same[i .. i + d] all hold
+        cur = cur[cur + d < n - 1]
+        cur = cur[same[cur + d]]
         d += 1
-        cur = cur[cur + d < n]
-        cur = cur[keys[cur + d] == keys[cur]]
-    if not out_a:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    return np.concatenate(out_a), np.concatenate(out_b)
+    if not hits_a:
+        return empty
+    a = np.searchsorted(unique, perm.inverse(np.concatenate(hits_a)))
+    b = np.searchsorted(unique, perm.inverse(np.concatenate(hits_b)))
+    return np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64)
 
 
 def union_find(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -225,21 +293,30 @@ def _unique_edges(a: np.ndarray, b: np.ndarray, n: int) -> tuple[np.ndarray, np.
     return edge // n64, edge % n64
 
 
+def _forest(n: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A spanning forest (member -> smallest index of its component) of the edges a-b."""
+    root = union_find(n, a, b)
+    a = np.flatnonzero(root != np.arange(n))
+    return a, root[a]
+
+
 def _pairs_worker(hashes: np.ndarray, threshold: int, spanning: bool):
     def run(tables: list[Table]) -> tuple[np.ndarray, np.ndarray]:
-        aa, bb = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+        n = len(hashes)
+        aa, bb, count, bound = [np.empty(0, np.int64)], [np.empty(0, np.int64)], 0, n
         for t in tables:
-            a, b = table_pairs(hashes, t, threshold)
+            a, b = _table_pairs(hashes, t, threshold)
             aa.append(a)
             bb.append(b)
-        a, b = _unique_edges(np.concatenate(aa), np.concatenate(bb), len(hashes))
-        if spanning and a.size > len(hashes):
-            # a dense batch: a spanning forest (member -> root) keeps the components, not
-            # every pair, so memory stays linear in the number of hashes
-            root = union_find(len(hashes), a, b)
-            a = np.flatnonzero(root != np.arange(len(hashes)))
-            b = root[a]
-        return a, b
+            count += a.size
+            if count > bound:  # one pair is found by many tables: drop the repeats
+                a, b = np.concatenate(aa), np.concatenate(bb)
+                # dense data: keep a spanning forest (same components) instead of every
+                # pair, so memory stays linear in the number of hashes
+                a, b = _forest(n, a, b) if spanning else _unique_edges(a, b, n)
+                aa, bb, count = [a], [b], a.size
+                bound = max(n, 2 * count)
+        return _unique_edges(np.concatenate(aa), np.concatenate(bb), n)
 
     return run
 
@@ -258,7 +335,13 @@ class HammingIndex:
             raise ValueError(f"hashes must be uint64, got {hashes.dtype}")
         self.threshold = int(threshold)
         self.unique, self.inverse = np.unique(hashes, return_inverse=True)
-        self.tables = plan_tables(self.threshold, max(len(self.unique), capacity))
+        planned = max(len(self.unique), capacity)
+        self.tables = plan_tables(self.threshold, planned)
+        kmin = min(t.bits for t in self.tables)
+        if planned / 2.0**kmin > 64:
+            log.warning("threshold %d: tables keep only %d bits, so about %.0f candidate pairs "
+                        "per hash and table at %d hashes; the search gets close to quadratic",
+                        self.threshold, kmin, planned / 2.0**kmin, planned)
 
     def __len__(self) -> int:
         return len(self.unique)
@@ -292,54 +375,88 @@ class HammingIndex:
         return union_find(len(self.unique), a, b)[self.inverse]
 
     def query(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(query index, index into `unique`, distance) for every stored hash within range."""
-        q = np.asarray(queries, _U64)
-        nu = len(self.unique)
-        if not len(q) or not nu:
-            e = np.empty(0, np.int64)
+        """(query index, index into `unique`, distance) for every stored hash within range.
+
+        A batch join: one sort of the stored hashes per table, so ask with many queries at
+        once rather than one at a time.
+        """
+        q = np.asarray(queries)
+        if q.dtype != _U64:
+            raise ValueError(f"queries must be uint64, got {q.dtype}")
+        e = np.empty(0, np.int64)
+        if not len(q) or not len(self.unique):
             return e, e, e
-        out_q, out_u = [], []
+        nu = np.int64(len(self.unique))
+        found: list[np.ndarray] = []
+        count, bound = 0, len(q)
         for t in self.tables:
-            kb = _table_key(self.unique, t)
-            order = np.argsort(kb, kind="stable")
-            kb = kb[order]
-            kq = _table_key(q, t)
-            lo = np.searchsorted(kb, kq, "left")
-            hi = np.searchsorted(kb, kq, "right")
-            cnt = hi - lo
-            if not cnt.any():
-                continue
-            qi = np.repeat(np.arange(len(q)), cnt)
-            start = np.repeat(lo - np.concatenate(([0], np.cumsum(cnt)[:-1])), cnt)
-            ui = order[start + np.arange(len(qi))]
-            ok = np.bitwise_count(q[qi] ^ self.unique[ui]) <= self.threshold
-            out_q.append(qi[ok])
-            out_u.append(ui[ok])
-        if not out_q:
-            e = np.empty(0, np.int64)
+            perm = _Permutation.of(t)
+            vs = perm.forward(self.unique)
+            vs.sort()
+            vq = perm.forward(q)
+            oq = np.argsort(vq)  # sorted needles make the binary search cache-friendly
+            vq = vq[oq]
+            low = perm.low
+            # walk each query's bucket from its first stored row on
+            cand = np.arange(len(vq))
+            pos = np.searchsorted(vs, vq & ~low)
+            while cand.size:
+                inside = pos < len(vs)
+                cand, pos = cand[inside], pos[inside]
+                z = vs[pos] ^ vq[cand]
+                same = z <= low
+                cand, pos, z = cand[same], pos[same], z[same]
+                ok = np.bitwise_count(z) <= self.threshold
+                if ok.any():
+                    ui = np.searchsorted(self.unique, perm.inverse(vs[pos[ok]]))
+                    found.append(oq[cand[ok]].astype(np.int64) * nu + ui)
+                    count += ui.size
+                pos = pos + 1
+            if count > bound:  # one match is found by many tables: drop the repeats
+                found = [np.unique(np.concatenate(found))]
+                count = found[0].size
+                bound = max(len(q), 2 * count)
+        if not found:
             return e, e, e
-        qi, ui = np.concatenate(out_q), np.concatenate(out_u)
-        edge = np.unique(qi.astype(np.int64) * nu + ui)
+        edge = np.unique(np.concatenate(found))
         qi, ui = edge // nu, edge % nu
         dist = np.bitwise_count(q[qi] ^ self.unique[ui]).astype(np.int64)
         return qi, ui, dist
 
 
-def brute_force_pairs(hashes: np.ndarray, threshold: int, block: int = 2048
+def brute_force_pairs(hashes: np.ndarray, threshold: int, rows: int = 128, cols: int = 4096
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """All pairs (a < b) within `threshold` by comparing everything: the reference (O(N^2))."""
-    h = np.asarray(hashes, _U64)
-    aa, bb = [], []
-    for s in range(0, len(h), block):
-        d = np.bitwise_count(h[s : s + block, None] ^ h[None, :])
-        i, j = np.nonzero(d <= threshold)
-        i = i + s
-        keep = i < j
-        aa.append(i[keep])
-        bb.append(j[keep])
-    if not aa:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    return np.concatenate(aa).astype(np.int64), np.concatenate(bb).astype(np.int64)
+    """All pairs (a < b) within `threshold` by comparing everything: the reference (O(N^2)).
+
+    Tiles of `rows` x `cols` over the upper triangle, written into reused buffers that fit
+    in cache; only tiles with a hit are searched for its position.
+    """
+    h = np.asarray(hashes)
+    if h.dtype != _U64:
+        raise ValueError(f"hashes must be uint64, got {h.dtype}")
+    n = len(h)
+    xor = np.empty((rows, cols), _U64)
+    cnt = np.empty((rows, cols), np.uint8)
+    hit = np.empty((rows, cols), bool)
+    aa, bb = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    for r in range(0, n, rows):
+        hr = h[r : r + rows, None]
+        nr = len(hr)
+        for c in range(r, n, cols):
+            hc = h[None, c : c + cols]
+            nc = hc.shape[1]
+            x, k, m = xor[:nr, :nc], cnt[:nr, :nc], hit[:nr, :nc]
+            np.bitwise_xor(hr, hc, out=x)
+            np.bitwise_count(x, out=k)
+            np.less_equal(k, threshold, out=m)
+            if not m.any():
+                continue
+            i, j = np.nonzero(m)
+            i, j = i + r, j + c
+            keep = i < j
+            aa.append(i[keep].astype(np.int64))
+            bb.append(j[keep].astype(np.int64))
+    return np.concatenate(aa), np.concatenate(bb)
 
 
 def parse_phash(values: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:

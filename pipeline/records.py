@@ -72,14 +72,11 @@ class Record:
     extra: str | None = None  # JSON text for anything stage-specific
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in FIELDS}
 
     def public(self) -> dict[str, Any]:
         """The record as shipped in `<key>.json`."""
-        d = self.to_dict()
-        for name in ("blob", "mask_blob", "requested_mask_blob", "diff_blob", "parent_blob"):
-            d.pop(name)
-        return d
+        return {name: getattr(self, name) for name in _PUBLIC}
 
     def replace(self, **changes: Any) -> Record:
         return dataclasses.replace(self, **changes)
@@ -101,6 +98,8 @@ SCHEMA = pa.schema(
     [pa.field(f.name, _arrow_type(f.type)) for f in dataclasses.fields(Record)]
 )
 FIELDS = tuple(f.name for f in dataclasses.fields(Record))
+_PRIVATE = ("blob", "mask_blob", "requested_mask_blob", "diff_blob", "parent_blob")
+_PUBLIC = tuple(name for name in FIELDS if name not in _PRIVATE)
 
 
 def content_key(*parts: object, length: int = 24) -> str:

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 TAR_MTIME = 0  # fixed member mtime: byte-identical tars
 _COPY_BUFFER = 1 << 20
+_STREAM_BUFFER = 256 << 10
+
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ def _constant_mask(height: int, width: int, value: int) -> bytes:
     return imageio.encode_mask(np.full((height, width), value, np.uint8))
 
 
-def sample_members(record: Record, data_dir: Path) -> dict[str, bytes]:
+def sample_members(record: Record, data_dir: Path, record_json: bytes | None = None) -> dict[str, bytes]:
     """The tar members of one sample: image bytes as stored, mask, record JSON (+ diff map)."""
     image = (data_dir / record.blob).read_bytes()
     if record.mask_blob:
@@ -72,11 +74,15 @@ def sample_members(record: Record, data_dir: Path) -> dict[str, bytes]:
         "__key__": record.key,
         record.format: image,
         "mask.png": mask,
-        "json": dumps_json(record.public()).encode("utf-8"),
+        "json": record_json if record_json is not None else _record_json(record),
     }
     if record.diff_blob:
         members["diff.png"] = (data_dir / record.diff_blob).read_bytes()
     return members
+
+
+def _record_json(record: Record) -> bytes:
+    return dumps_json(record.public()).encode("utf-8")
 
 
 def member_layout(r: Record) -> tuple[str, bool]:
@@ -110,10 +116,10 @@ def plan_shards(records: list[Record], max_count: int, max_bytes: int) -> list[l
     return shards
 
 
-def _digest(records: list[Record]) -> str:
+def _digest(records_json: list[bytes]) -> str:
     h = hashlib.sha256()
-    for r in records:
-        h.update(dumps_json(r.public()).encode("utf-8"))
+    for j in records_json:
+        h.update(j)
         h.update(b"\n")
     return h.hexdigest()
 
@@ -124,16 +130,16 @@ class _ShardWriter:
     def __init__(self, data_dir: str):
         self.data_dir = Path(data_dir)
 
-    def __call__(self, job: tuple[str, str, list[dict[str, Any]]]) -> dict[str, Any]:
-        out_dir, name, rows = job
-        records = [Record(**r) for r in rows]
+    def __call__(self, job: tuple[str, str, list[Record]]) -> dict[str, Any]:
+        out_dir, name, records = job
         return write_shard(records, self.data_dir, Path(out_dir), name)
 
 
 def write_shard(records: list[Record], data_dir: Path, out_dir: Path, name: str) -> dict[str, Any]:
     """Writes `name.tar`, `name.parquet`, then `name_stats.json`; skips a complete match."""
     tar, index, stats_path = out_dir / f"{name}.tar", out_dir / f"{name}.parquet", out_dir / f"{name}_stats.json"
-    digest = _digest(records)
+    records_json = [_record_json(r) for r in records]
+    digest = _digest(records_json)
     if stats_path.exists():
         try:
             old = json.loads(stats_path.read_text())
@@ -150,9 +156,9 @@ def write_shard(records: list[Record], data_dir: Path, out_dir: Path, name: str)
         # re-slicing its buffer each time; 1 MiB pieces halve the cost for photo-size
         # members. The bytes written are the same (padding follows RECORDSIZE, not these).
         w.tarstream.copybufsize = _COPY_BUFFER
-        w.tarstream.fileobj.bufsize = _COPY_BUFFER
-        for r in records:
-            nbytes += w.write(sample_members(r, data_dir))
+        w.tarstream.fileobj.bufsize = _STREAM_BUFFER
+        for r, j in zip(records, records_json):
+            nbytes += w.write(sample_members(r, data_dir, j))
     os.replace(tmp, tar)
     tmp_index = out_dir / f".{name}.parquet.{os.getpid()}.tmp"
     pq.write_table(to_table(records), tmp_index)
@@ -189,7 +195,7 @@ def write_shard_set(
     out_dir = Path(out_dir)
     plan = plan_shards(list(records), max_count, max_bytes)
     names = [f"{prefix}-{i:06d}" for i in range(len(plan))]
-    jobs = [(str(out_dir), n, [r.to_dict() for r in shard]) for n, shard in zip(names, plan)]
+    jobs = [(str(out_dir), n, shard) for n, shard in zip(names, plan)]
     executor = executor or Executor(ExecutorParams(backend="local", progress=False))
     list(executor.map(partial(_ShardWriter, str(data_dir)), jobs, Resources(cpus=1), desc=f"shards {prefix}"))
     keep = {f"{n}{suffix}" for n in names for suffix in (".tar", ".parquet", "_stats.json")}
