@@ -132,9 +132,6 @@ def main() -> None:
         child(Path(args.child[0]), Path(args.child[1]))
         return
 
-    from pipeline.cli import run_stage
-    from pipeline.executor import Executor
-    from pipeline.records import read_records
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_shard_"))
     try:

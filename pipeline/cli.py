@@ -40,9 +40,9 @@ def stage_io(stage: str, params: Params) -> tuple[dict[str, Any], Path]:
 
 
 def run_stage(stage: str, params: Params, executor=None) -> dict[str, Any]:
-    import importlib  # noqa: PLC0415
+    import importlib
 
-    from pipeline.executor import Executor  # noqa: PLC0415
+    from pipeline.executor import Executor
 
     module = importlib.import_module(f"pipeline.{stage}")
     inputs, out = stage_io(stage, params)
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "inspect":
-        from pipeline import inspect  # noqa: PLC0415
+        from pipeline import inspect
 
         return inspect.main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -121,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = {"executor": {"backend": args.backend}} if args.backend else None
         params = params_mod.load(args.params, overrides)
-        from pipeline.corpus import load_corpus  # noqa: PLC0415
+        from pipeline.corpus import load_corpus
 
         load_corpus(params.corpus_paths())  # a bad manifest fails before any work
         if args.command == "run":
-            from pipeline.executor import Executor  # noqa: PLC0415
+            from pipeline.executor import Executor
 
             stages = STAGES[STAGES.index(args.start) : STAGES.index(args.stop) + 1]
             executor = Executor(params.executor)

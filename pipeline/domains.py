@@ -26,7 +26,7 @@ def looks_like_document(rgb: np.ndarray) -> bool:
 def guess_domain(rgb: np.ndarray, face_min_frac: float = 0.01) -> str:
     if looks_like_document(rgb):
         return "document"
-    from generators.face.detect import detect_faces  # noqa: PLC0415
+    from generators.face.detect import detect_faces
 
     h, w = rgb.shape[:2]
     faces = detect_faces(rgb)

@@ -51,7 +51,7 @@ def _call_cached(boxed_factory: list[Any], item: Any) -> Any:
     The factory comes as an object reference inside a list, so Ray does not resolve it and
     its id can key the cache; it is fetched from the object store once per process.
     """
-    import ray  # noqa: PLC0415
+    import ray
 
     ref = boxed_factory[0]
     key = ref.hex()
@@ -80,7 +80,7 @@ class Executor:
     def _ensure_ray(self):
         if self._ray is not None:
             return self._ray
-        import ray  # noqa: PLC0415 - Ray is optional at import time for everything else
+        import ray
 
         if not ray.is_initialized():
             address = self.params.address or os.environ.get("RAY_ADDRESS")
@@ -128,7 +128,7 @@ class Executor:
 
     def _map_ray(self, factory, items, resources: Resources, bar) -> Iterator[Any]:
         ray = self._ensure_ray()
-        from ray.util import ActorPool  # noqa: PLC0415
+        from ray.util import ActorPool
 
         cluster = ray.cluster_resources()
         cpus_total = cluster.get("CPU", 1.0)

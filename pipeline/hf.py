@@ -11,7 +11,7 @@ from pipeline.corpus import Source
 def open_dataset(source: Source):
     """`save_to_disk` folders, parquet files (a file, a folder or a glob) and imagefolder
     trees, with the image column cast to undecoded bytes so nothing is re-encoded."""
-    import datasets  # noqa: PLC0415
+    import datasets
 
     path = source.path()
     fmt = source.get("format")

@@ -119,7 +119,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def paste_back(original: np.ndarray, forged: np.ndarray, mask: np.ndarray, dilate: int) -> np.ndarray:
     """Source pixels everywhere outside `mask` dilated by `dilate` px (diffusers' VAE changes
     unmasked pixels too); returns the composited image."""
-    import cv2  # noqa: PLC0415
+    import cv2
 
     keep = np.asarray(mask, bool)
     if dilate > 0:

@@ -265,7 +265,7 @@ class _Worker:
         return [orig, edited]
 
     def _hf_rows(self, source: Source, start: int, stop: int) -> list[Record]:
-        from pipeline import hf  # noqa: PLC0415 - datasets is slow to import
+        from pipeline import hf
 
         ds = self._hf_cache.get(source.name)
         if ds is None:
@@ -283,7 +283,7 @@ class _Worker:
         return out
 
     def _wds_tar(self, source: Source, tar: str) -> list[Record]:
-        import webdataset as wds  # noqa: PLC0415
+        import webdataset as wds
 
         out = []
         keys = [k.lower() for k in source.get("image_keys")]
@@ -318,15 +318,15 @@ def package_sample_path(item: str) -> Path:
     """`skimage:page.png`, `matplotlib:grace_hopper.jpg`, `sklearn:china.jpg` -> a file."""
     pkg, name = item.split(":", 1)
     if pkg == "skimage":
-        import skimage  # noqa: PLC0415
+        import skimage
 
         return Path(skimage.__file__).parent / "data" / name
     if pkg == "matplotlib":
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         return Path(matplotlib.get_data_path()) / "sample_data" / name
     if pkg == "sklearn":
-        import sklearn.datasets  # noqa: PLC0415
+        import sklearn.datasets
 
         return Path(sklearn.datasets.__file__).parent / "images" / name
     raise ValueError(f"package_samples: unknown package {pkg!r}; allowed: skimage, matplotlib, sklearn")
@@ -388,7 +388,7 @@ def list_tasks(source: Source, batch: int, hf_rows: int) -> list[tuple[str, Sour
             return _missing(source, Path(pattern))
         return [("wds", source, t) for t in tars]
     if kind == "hf_dataset":
-        from pipeline import hf  # noqa: PLC0415
+        from pipeline import hf
 
         try:
             n = len(hf.open_dataset(source))
@@ -399,7 +399,7 @@ def list_tasks(source: Source, batch: int, hf_rows: int) -> list[tuple[str, Sour
 
 
 def _brace(pattern: str) -> list[str]:
-    import braceexpand  # noqa: PLC0415 - a webdataset dependency
+    import braceexpand
 
     return [p for p in braceexpand.braceexpand(pattern) if Path(p).exists()] or []
 

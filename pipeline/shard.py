@@ -15,10 +15,10 @@ import hashlib
 import json
 import logging
 import os
-from functools import lru_cache, partial
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,15 @@ import webdataset as wds
 from pipeline import imageio
 from pipeline.executor import Executor, Resources
 from pipeline.params import ExecutorParams, Params
-from pipeline.records import SPLITS, ManifestWriter, Record, counts, dumps_json, iter_records, to_table
+from pipeline.records import (
+    SPLITS,
+    ManifestWriter,
+    Record,
+    counts,
+    dumps_json,
+    iter_records,
+    to_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +209,7 @@ def write_shard_set(
     keep = {f"{n}{suffix}" for n in names for suffix in (".tar", ".parquet", "_stats.json")}
     if out_dir.exists():
         for p in out_dir.iterdir():
-            if p.name.startswith(f"{prefix}-") and p.name not in keep:
-                p.unlink()
-            elif p.name.startswith(f".{prefix}-") and p.name.endswith(".tmp"):
+            if p.name.startswith(f"{prefix}-") and p.name not in keep or p.name.startswith(f".{prefix}-") and p.name.endswith(".tmp"):
                 p.unlink()
     return [out_dir / f"{n}.tar" for n in names]
 

@@ -50,7 +50,7 @@ def awkward_corpus(root: Path) -> dict[str, str]:
         made[rel] = what
 
     put("cmyk.jpg", coffee.convert("CMYK"), "JPEG", "CMYK JPEG", quality=90)
-    put("gray16.png", Image.fromarray((np.asarray(coffee.convert("L"), np.uint16) * 257)), "PNG", "16-bit")
+    put("gray16.png", Image.fromarray(np.asarray(coffee.convert("L"), np.uint16) * 257), "PNG", "16-bit")
     put("palette.png", coffee.convert("P"), "PNG", "palette")
     put("alpha.png", coffee.convert("RGBA"), "PNG", "alpha")
     put("gray.png", coffee.convert("L"), "PNG", "grayscale")

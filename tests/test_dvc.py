@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import ROOT, save
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import ROOT, save
 from pipeline import params as params_mod
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import ROOT, save, write_manifest, write_params
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import ROOT, save, write_manifest, write_params
 from pipeline.records import read_records
 
 pytestmark = pytest.mark.slow

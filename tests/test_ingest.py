@@ -7,10 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import (
+    awkward_corpus,
+    broken_corpus,
+    local_executor,
+    make_params,
+    save,
+    write_manifest,
+)
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import awkward_corpus, broken_corpus, local_executor, make_params, save, write_manifest
 from pipeline import ingest
 from pipeline.cli import run_stage
 from pipeline.records import read_records

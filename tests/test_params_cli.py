@@ -5,8 +5,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
 from pipeline import params as params_mod
 from pipeline.params import STAGES, ParamsError
 

@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import webdataset as wds
+from conftest import ROOT, local_executor, make_params, save, write_manifest, write_params
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import ROOT, local_executor, make_params, save, write_manifest, write_params
 from pipeline.cli import run_stage
-from pipeline.records import read_records, write_manifest as write_records
+from pipeline.records import read_records
+from pipeline.records import write_manifest as write_records
 
 
 def _corpus(tmp_path: Path, n: int) -> Path:
@@ -104,8 +104,8 @@ def test_readback_webdataset_and_datasets(tmp_path):
         assert meta["key"] == key and meta["split"] == rec.split
         img_bytes = sample[rec.format]
         if rec.label == "real":
-            src = Path(tmp_path / rec.uri) if not Path(rec.uri).is_absolute() else Path(rec.uri)
-            assert img_bytes == (params.data / rec.blob).read_bytes()
+            source = Path(rec.uri) if Path(rec.uri).is_absolute() else tmp_path / rec.uri
+            assert img_bytes == source.read_bytes()  # the source file, byte for byte
             assert hashlib.sha256(img_bytes).hexdigest() == rec.sha256
         mask = Image.open(io.BytesIO(sample["mask.png"]))
         img = Image.open(io.BytesIO(img_bytes))

@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import local_executor, make_params, save, write_manifest
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import local_executor, make_params, save, write_manifest
 from pipeline import export, split
 from pipeline.cli import run_stage
 from pipeline.params import STAGES, ParamsError, from_dict
-from pipeline.records import Record, read_records, write_manifest as write_records
+from pipeline.records import Record, read_records
+from pipeline.records import write_manifest as write_records
 
 
 def _records(n_groups: int = 60) -> list[Record]:

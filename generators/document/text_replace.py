@@ -38,22 +38,7 @@ FONTS = (
 )
 
 # replacement vocabulary: common words of many lengths (numbers are drawn, not listed)
-VOCABULARY = (
-    "a an as at be by do go he if in is it me my no of on or so to up us we "
-    "and are but can did for had has her him his its may new not now one our out "
-    "see she the two was way who you also back been body case city data does each "
-    "even fact form from give good have here high into just know last life long made "
-    "make many more most much must name next only open over part paid said same some "
-    "such take than that them then they this time upon used very want well were what "
-    "when will with work year about above after again below could every first found "
-    "great group house large later never order other place point right small state "
-    "still their there these thing think three total under value water where which "
-    "while world would amount annual before change credit during figure number office "
-    "people public result second signed within account between company control general "
-    "payment private process program receipt service balance contract document national "
-    "approved business clinical customer evidence material personal quantity question "
-    "agreement committee available important insurance reference statement transfer"
-).split()
+VOCABULARY = ["a", "an", "as", "at", "be", "by", "do", "go", "he", "if", "in", "is", "it", "me", "my", "no", "of", "on", "or", "so", "to", "up", "us", "we", "and", "are", "but", "can", "did", "for", "had", "has", "her", "him", "his", "its", "may", "new", "not", "now", "one", "our", "out", "see", "she", "the", "two", "was", "way", "who", "you", "also", "back", "been", "body", "case", "city", "data", "does", "each", "even", "fact", "form", "from", "give", "good", "have", "here", "high", "into", "just", "know", "last", "life", "long", "made", "make", "many", "more", "most", "much", "must", "name", "next", "only", "open", "over", "part", "paid", "said", "same", "some", "such", "take", "than", "that", "them", "then", "they", "this", "time", "upon", "used", "very", "want", "well", "were", "what", "when", "will", "with", "work", "year", "about", "above", "after", "again", "below", "could", "every", "first", "found", "great", "group", "house", "large", "later", "never", "order", "other", "place", "point", "right", "small", "state", "still", "their", "there", "these", "thing", "think", "three", "total", "under", "value", "water", "where", "which", "while", "world", "would", "amount", "annual", "before", "change", "credit", "during", "figure", "number", "office", "people", "public", "result", "second", "signed", "within", "account", "between", "company", "control", "general", "payment", "private", "process", "program", "receipt", "service", "balance", "contract", "document", "national", "approved", "business", "clinical", "customer", "evidence", "material", "personal", "quantity", "question", "agreement", "committee", "available", "important", "insurance", "reference", "statement", "transfer"]
 
 
 @dataclass
