@@ -189,3 +189,20 @@ def test_killed_shard_stage_resumes_without_loss_or_duplicates(tmp_path):
     for t in sorted((work / "data" / "shards").rglob("*.tar")):
         keys += [s["__key__"] for s in wds.WebDataset(str(t), shardshuffle=False, empty_check=False)]
     assert len(keys) == len(set(keys)) == 41
+
+
+def test_tar_bytes_equal_a_plain_webdataset_tarwriter(tmp_path):
+    """The shard writer's plain-mode TarFile writes what webdataset's own writer writes."""
+    from pipeline.shard import TAR_MTIME, _record_json, sample_members
+
+    params = make_params(tmp_path, [_corpus(tmp_path, 6)], shard={"max_count": 100})
+    run_stage("ingest", params, local_executor())
+    _split_manifest(params)
+    run_stage("shard", params, local_executor())
+    for tar in sorted((params.data / "shards").rglob("*.tar")):
+        records = read_records(tar.with_suffix(".parquet"))
+        buf = io.BytesIO()
+        with wds.TarWriter(buf, encoder=False, mtime=TAR_MTIME, user="", group="") as w:
+            for r in records:
+                w.write(sample_members(r, params.data, _record_json(r)))
+        assert tar.read_bytes() == buf.getvalue()
