@@ -234,3 +234,45 @@ def test_export_rerun_removes_stale_exports(pipeline_run, tmp_path):
                         "export": {"exports": {"only": {"fractions": [1.0], "imdl": False}}}})
     run_stage("export", params, local_executor())
     assert sorted(p.name for p in (params.data / "exports").iterdir()) == ["only"]
+
+
+def test_pairs_get_derived_masks_and_blocklist_copies_leave_train(tmp_path):
+    """A `pairs` edit gets its mask by differencing; its original, a copy of a blocklisted
+    benchmark image, is dropped from train with the edit and never shipped."""
+    coffee = Image.fromarray(skdata.coffee()).resize((200, 134))
+    save(coffee, tmp_path / "p" / "orig.png", "PNG")
+    edited = np.asarray(coffee).copy()
+    edited[30:70, 40:120] = (20, 200, 30)  # a flat green fill
+    save(Image.fromarray(edited), tmp_path / "p" / "edit.png", "PNG")
+    (tmp_path / "p" / "pairs.csv").write_text("original,edited\norig.png,edit.png\n")
+    chelsea = Image.fromarray(skdata.chelsea()).resize((180, 120))
+    save(chelsea, tmp_path / "q" / "cat.png", "PNG")
+    save(coffee.resize((100, 67)), tmp_path / "block" / "benchmark_copy.jpg", "JPEG", quality=80)
+    corpus = write_manifest(tmp_path / "corpus.yaml", [
+        {"name": "pairs", "kind": "pairs", "domain": "natural", "label": "tampered", "license": "x",
+         "path": str(tmp_path / "p" / "pairs.csv")},
+        {"name": "other", "kind": "image_folder", "domain": "natural", "label": "real", "license": "x",
+         "path": str(tmp_path / "q")},
+        {"name": "bench", "kind": "blocklist", "domain": "natural", "label": "real", "license": "x",
+         "path": str(tmp_path / "block")},
+    ])
+    params = make_params(tmp_path, [corpus], synthesize={"generators": {}},
+                         split={"ratios": {"train": 1.0}}, export={"exports": {}})
+    ex = local_executor()
+    for stage in STAGES:
+        run_stage(stage, params, ex)
+    rows = read_records(params.data / "masks" / "manifest.parquet")
+    edit = next(r for r in rows if r.source == "pairs" and r.label == "tampered")
+    assert edit.mask_source == "derived" and edit.status == "ok"
+    mask = np.asarray(Image.open(params.data / edit.mask_blob)) > 0
+    truth = np.zeros_like(mask)
+    truth[30:70, 40:120] = True
+    assert (mask & truth).sum() / (mask | truth).sum() > 0.9
+    final = {r.key: r for r in read_records(params.data / "manifest.parquet")}
+    orig = final[edit.parent_key]
+    assert orig.status == final[edit.key].status == "blocklisted"
+    cat = next(r for r in final.values() if r.source == "other")
+    assert cat.status == "ok" and cat.split == "train"
+    shipped = {json.loads(s["json"])["key"] for t in (params.data / "shards").glob("*/*.tar")
+               for s in wds.WebDataset(str(t), shardshuffle=False)}
+    assert shipped == {cat.key}
