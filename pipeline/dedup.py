@@ -20,7 +20,6 @@ about linear in N up to that size: 10x more hashes cost about 10-12x the time (s
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -37,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.executor import Executor, Resources
-from pipeline.records import ManifestWriter, counts, iter_records
+from pipeline.records import ManifestWriter, counts, iter_records, merge_extra
 
 log = logging.getLogger(__name__)
 
@@ -480,17 +479,6 @@ def _column(table: pa.Table, name: str) -> list[Any]:
     return table.column(name).to_pylist()
 
 
-def _merge_extra(extra: str | None, **items: Any) -> str:
-    try:
-        d = json.loads(extra) if extra else {}
-    except json.JSONDecodeError:
-        d = {"extra": extra}
-    if not isinstance(d, dict):
-        d = {"extra": d}
-    d.update(items)
-    return json.dumps(d, sort_keys=True, separators=(",", ":"))
-
-
 def _plan_groups(table: pa.Table, p: DedupParams, executor: Executor | None
                  ) -> tuple[list[str | None], dict[int, tuple[int, str]], dict[str, Any]]:
     """Per-row group ids, {row: (representative row, kind of copy)} for duplicates, figures."""
@@ -609,7 +597,7 @@ def run(params: Any, inputs: dict[str, Path], out: Path, executor: Executor) -> 
                 note = (f"exact duplicate of {keys[rep]}" if how == "exact"
                         else f"near duplicate of {keys[rep]} (phash distance {dist})")
                 if p.keep_duplicates:
-                    r.extra = _merge_extra(r.extra, duplicate_of=keys[rep], duplicate=how)
+                    r.extra = merge_extra(r.extra, duplicate_of=keys[rep], duplicate=how)
                 else:
                     r.status, r.error, r.stage = "duplicate", note, "dedup"
                 rep_rows.append(rep)

@@ -87,12 +87,16 @@ def encode_like(image: np.ndarray, fmt: str, quality: int | None = None) -> tupl
     return buf.getvalue(), ext
 
 
+def encode_gray(a: np.ndarray) -> bytes:
+    """A single-channel 8-bit PNG (difference maps)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(a, dtype=np.uint8), "L").save(buf, "PNG", compress_level=6)
+    return buf.getvalue()
+
+
 def encode_mask(mask: np.ndarray) -> bytes:
     """A single-channel PNG with values 0 and 255 only."""
-    m = np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(m, "L").save(buf, "PNG", compress_level=6)
-    return buf.getvalue()
+    return encode_gray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8))
 
 
 def decode_mask(data: bytes) -> np.ndarray:

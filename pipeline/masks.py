@@ -27,7 +27,6 @@ rows stay in the manifest.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
@@ -40,9 +39,9 @@ import numpy as np
 from PIL import Image
 
 from pipeline.executor import Executor, Resources, chunked
-from pipeline.imageio import decode, decode_mask, encode_mask, write_bytes
+from pipeline.imageio import decode, decode_mask, encode_gray, encode_mask, write_bytes
 from pipeline.params import Params
-from pipeline.records import ManifestWriter, Record, counts, iter_records
+from pipeline.records import ManifestWriter, Record, counts, iter_records, merge_extra
 
 log = logging.getLogger(__name__)
 
@@ -359,17 +358,6 @@ def _rel(path: Path, data_dir: Path) -> str:
         return str(path.resolve())
 
 
-def _merge_extra(extra: str | None, info: dict[str, Any]) -> str:
-    try:
-        d = json.loads(extra) if extra else {}
-        if not isinstance(d, dict):
-            d = {"previous": d}
-    except json.JSONDecodeError:
-        d = {"previous": extra}
-    d["masks"] = info
-    return json.dumps(d, sort_keys=True, separators=(",", ":"))
-
-
 def _reject(r: Record, status: str, error: str) -> Record:
     return r.replace(status=status, error=error, stage="masks")
 
@@ -470,7 +458,7 @@ class _Worker:
         }
         if p.keep_diff:
             rel_diff = _rel(self.out / "diff" / f"{r.key}.png", self.data)
-            write_bytes(self.data / rel_diff, _encode_gray(d.soft()))
+            write_bytes(self.data / rel_diff, encode_gray(d.soft()))
             changes["diff_blob"] = rel_diff
         leak = None
         requested = None
@@ -482,7 +470,7 @@ class _Worker:
             else:
                 log.warning("masks: %s requested mask %s does not fit the image %s",
                             r.key, requested.shape, d.mask.shape)
-        changes["extra"] = _merge_extra(r.extra, {
+        changes["extra"] = merge_extra(r.extra, masks={
             "noise": d.noise, "threshold": d.threshold, "changed": round(d.changed, 6),
             "colour_shift": round(d.colour_shift, 2), "leak": leak,
         })
@@ -512,14 +500,6 @@ class _Worker:
         if d.quality < p.min_quality:
             return _reject(r, "low_quality", f"mask quality {d.quality:.2f} < {p.min_quality:.2f}")
         return r
-
-
-def _encode_gray(a: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(a, dtype=np.uint8), "L").save(buf, "PNG", compress_level=6)
-    return buf.getvalue()
 
 
 @dataclass(frozen=True)

@@ -191,6 +191,22 @@ def counts(records: Iterable[Record]) -> dict[str, dict[str, int]]:
     return out
 
 
+def extra_dict(extra: str | None) -> dict[str, Any]:
+    """The `extra` JSON text as a dict; text that is not a JSON object is kept under "previous"."""
+    if not extra:
+        return {}
+    try:
+        d = json.loads(extra)
+    except json.JSONDecodeError:
+        return {"previous": extra}
+    return d if isinstance(d, dict) else {"previous": d}
+
+
+def merge_extra(extra: str | None, **items: Any) -> str:
+    """`extra` with `items` added: stages note what they found without losing earlier notes."""
+    return dumps_json({**extra_dict(extra), **items})
+
+
 def dumps_json(obj: Any) -> str:
     """Canonical JSON: sorted keys, no whitespace, so equal inputs give equal bytes."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)

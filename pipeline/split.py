@@ -16,7 +16,6 @@ blocklist item named in `error`.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.executor import Executor
 from pipeline.params import Params
-from pipeline.records import ManifestWriter, counts, iter_records
+from pipeline.records import ManifestWriter, counts, extra_dict, iter_records
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +92,6 @@ class _Units:
             self.parent[max(ra, rb)] = min(ra, rb)  # the smaller id names the unit: deterministic
 
 
-def _donor_key(extra: str | None) -> str | None:
-    if not extra:
-        return None
-    try:
-        d = json.loads(extra)
-    except json.JSONDecodeError:
-        return None
-    return d.get("donor_key") if isinstance(d, dict) else None
-
-
 def plan(table: Any, p: SplitParams, seed: int) -> tuple[dict[str, str], dict[str, str]]:
     """Returns ({key: split} for shippable rows, {key: blocklist item} for blocklisted rows)."""
     rows = table.to_pylist()
@@ -123,7 +112,7 @@ def plan(table: Any, p: SplitParams, seed: int) -> tuple[dict[str, str], dict[st
     for r in rows:
         g = root_group(r["key"])
         units.find(g)
-        donor = _donor_key(r["extra"])
+        donor = extra_dict(r["extra"]).get("donor_key")
         if donor and donor in by_key:
             units.union(g, root_group(donor))
 
