@@ -1,6 +1,14 @@
 """The one place that knows about Ray.
 
-Stages hand the executor a *worker factory* (a picklable zero-argument callable that builds a
+Two verbs:
+- `map(factory, items, resources)`: many small independent pieces of work (ingest a file,
+  forge a sample, write a shard), results in item order;
+- `run_job(fn, config, workers, resources)`: one distributed job of `workers` cooperating
+  processes (a training loop): Ray Train's `TorchTrainer` on the `ray` backend, a direct
+  call in this process on `local`. `fn(ctx, config)` gets a `JobContext` (rank, world size,
+  device, `report`, `prepare_model`) so it never imports Ray.
+
+For `map`, stages hand the executor a *worker factory* (a picklable zero-argument callable that builds a
 worker once per process, e.g. loading model weights) and a list of work items; the executor
 returns the results in item order. Resources are data: `Resources(cpus=..., gpus=...)`.
 
@@ -18,7 +26,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from tqdm import tqdm
@@ -31,6 +40,62 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 WorkerFactory = Callable[[], Callable[[Any], Any]]
+
+
+@dataclass
+class JobContext:
+    """What one process of a distributed job knows about itself (see `Executor.run_job`)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+    backend: str = "local"
+    reported: list[dict[str, Any]] = field(default_factory=list)
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        """Progress of the job (loss, step), kept on this process. Not passed to Ray Train,
+        whose `report` is a barrier every rank must reach equally often."""
+        self.reported.append(dict(metrics))
+
+    def prepare_model(self, model: Any) -> Any:
+        """The model on this process's device, wrapped for data-parallel training (DDP)
+        when the job has several workers."""
+        if self.backend == "ray" and self.world_size > 1:
+            import ray.train.torch
+
+            return ray.train.torch.prepare_model(model)
+        return model.to(self.device)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+
+
+JobFn = Callable[[JobContext, dict[str, Any]], Any]
+
+
+def _job_entry(config: dict[str, Any]) -> Any:
+    """Body of each Ray Train worker: builds the JobContext and runs the job function."""
+    import ray.train
+    import torch
+
+    fn = config["__fn__"]
+    ctx = ray.train.get_context()
+    use_gpu = config["__use_gpu__"] and torch.cuda.is_available()
+    local_rank = ctx.get_local_rank()
+    jc = JobContext(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        local_rank=local_rank,
+        device=f"cuda:{local_rank}" if use_gpu else "cpu",
+        backend="ray",
+    )
+    user = {k: v for k, v in config.items() if not k.startswith("__")}
+    return fn(jc, user)  # Ray Train hands rank 0's return value to `Result.return_value`
 
 
 @dataclass(frozen=True)
@@ -182,6 +247,47 @@ class Executor:
         finally:
             for a in actors:
                 ray.kill(a)
+
+    def run_job(
+        self,
+        fn: JobFn,
+        config: dict[str, Any],
+        workers: int = 1,
+        resources: Resources = Resources(),
+        name: str = "job",
+        storage: str | os.PathLike | None = None,
+    ) -> Any:
+        """Runs `fn(ctx, config)` on `workers` cooperating processes; returns rank 0's result.
+
+        `ray`: Ray Train's `TorchTrainer` with `ScalingConfig(num_workers=workers,
+        use_gpu=resources.gpus > 0)`, on the local instance or the cluster this executor
+        joined; torch.distributed is set up for the workers. `local`: one call in this
+        process with `world_size=1`, whatever `workers` says.
+        """
+        if self.backend == "local":
+            device = "cuda" if resources.gpus > 0 else "cpu"
+            return fn(JobContext(device=device, backend="local"), dict(config))
+        self._ensure_ray()
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        per_worker: dict[str, float] = {"CPU": resources.cpus}
+        if resources.gpus > 0:
+            per_worker["GPU"] = resources.gpus
+        trainer = TorchTrainer(
+            _job_entry,
+            train_loop_config={**config, "__fn__": fn, "__use_gpu__": resources.gpus > 0},
+            scaling_config=ScalingConfig(
+                num_workers=workers, use_gpu=resources.gpus > 0, resources_per_worker=per_worker
+            ),
+            run_config=RunConfig(
+                name=name, storage_path=str(Path(storage).resolve()) if storage else None
+            ),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        return result.return_value
 
     def shutdown(self) -> None:
         if self._ray is not None and self._ray.is_initialized():
