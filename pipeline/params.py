@@ -58,6 +58,7 @@ class Params:
     corpus: tuple[str, ...] = ("manifests/default.yaml",)
     seed: int = 0
     metrics_dir: str = "metrics"  # metrics/<stage>.json (DVC metrics)
+    plots_dir: str = "plots"  # plots/<stage>*.csv and PNGs (DVC plots)
     executor: ExecutorParams = field(default_factory=ExecutorParams)
     sections: dict[str, Any] = field(default_factory=dict)
     base_dir: str = "."  # directory relative paths in the file are resolved against
@@ -89,12 +90,17 @@ class Params:
     def metrics(self) -> Path:
         return self.resolve(self.metrics_dir)
 
+    @property
+    def plots(self) -> Path:
+        return self.resolve(self.plots_dir)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "data_dir": self.data_dir,
             "corpus": list(self.corpus),
             "seed": self.seed,
             "metrics_dir": self.metrics_dir,
+            "plots_dir": self.plots_dir,
             "executor": _asdict(self.executor),
         }
         for name in SECTIONS:
@@ -190,7 +196,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> Params:
     if not isinstance(data, dict):
         raise ParamsError("params: expected a mapping at the top level")
-    top = {"data_dir", "corpus", "seed", "metrics_dir", "executor"}
+    top = {"data_dir", "corpus", "seed", "metrics_dir", "plots_dir", "executor"}
     allowed = top | set(SECTIONS)
     unknown = sorted(set(data) - allowed)
     if unknown:
