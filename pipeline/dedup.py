@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.executor import Executor, Resources
-from pipeline.records import ManifestWriter, counts, iter_records, merge_extra
+from pipeline.records import ManifestWriter, counts, iter_records
 
 log = logging.getLogger(__name__)
 
@@ -597,7 +597,7 @@ def run(params: Any, inputs: dict[str, Path], out: Path, executor: Executor) -> 
                 note = (f"exact duplicate of {keys[rep]}" if how == "exact"
                         else f"near duplicate of {keys[rep]} (phash distance {dist})")
                 if p.keep_duplicates:
-                    r.extra = merge_extra(r.extra, duplicate_of=keys[rep], duplicate=how)
+                    r.duplicate_of, r.duplicate_kind = keys[rep], how
                 else:
                     r.status, r.error, r.stage = "duplicate", note, "dedup"
                 rep_rows.append(rep)

@@ -32,7 +32,7 @@ from pipeline.corpus import Source, load_corpus
 from pipeline.domains import guess_domain
 from pipeline.executor import Executor, Resources, chunked
 from pipeline.params import Params
-from pipeline.records import ManifestWriter, Record, content_key, counts, dumps_json, iter_records
+from pipeline.records import ManifestWriter, Record, content_key, counts, iter_records
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class _Worker:
             blob=blob,
             nbytes=len(data),
             domain=domain,
-            extra=dumps_json({"caption": caption}) if caption else None,
+            caption=caption,
             **info,
         )
         if source.kind == "blocklist":

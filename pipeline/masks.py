@@ -41,7 +41,7 @@ from PIL import Image
 from pipeline.executor import Executor, Resources, chunked
 from pipeline.imageio import decode, decode_mask, encode_gray, encode_mask, write_bytes
 from pipeline.params import Params
-from pipeline.records import ManifestWriter, Record, counts, iter_records, merge_extra
+from pipeline.records import ManifestWriter, Record, counts, iter_records
 
 log = logging.getLogger(__name__)
 
@@ -470,10 +470,9 @@ class _Worker:
             else:
                 log.warning("masks: %s requested mask %s does not fit the image %s",
                             r.key, requested.shape, d.mask.shape)
-        changes["extra"] = merge_extra(r.extra, masks={
-            "noise": d.noise, "threshold": d.threshold, "changed": round(d.changed, 6),
-            "colour_shift": round(d.colour_shift, 2), "leak": leak,
-        })
+        changes.update(mask_noise=float(d.noise), mask_threshold=float(d.threshold),
+                       mask_changed=round(d.changed, 6), colour_shift=round(d.colour_shift, 2),
+                       mask_leak=leak)
         r = r.replace(**changes)
         return self.filter(r, d, original, forged, leak)
 

@@ -69,7 +69,16 @@ class Record:
     jpeg_quality: int | None = None
     mask_quality: float | None = None
     stage: str | None = None  # stage that last set `status`
-    extra: str | None = None  # JSON text for anything stage-specific
+    # --- what stages pass to each other, declared (no free-form JSON) ---
+    caption: str | None = None  # text that came with a real image (hf/webdataset sources)
+    donor_key: str | None = None  # splice / face swap: the real sample whose pixels were pasted
+    duplicate_of: str | None = None  # dedup.keep_duplicates: the group's representative
+    duplicate_kind: str | None = None  # exact | near, with duplicate_of
+    mask_noise: float | None = None  # masks: noise floor of the difference (levels)
+    mask_threshold: float | None = None  # masks: change threshold used (levels)
+    mask_changed: float | None = None  # masks: fraction of pixels above the threshold
+    mask_leak: float | None = None  # masks: share of the mask outside the requested region
+    colour_shift: float | None = None  # masks: global colour shift removed before differencing
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIELDS}
@@ -189,22 +198,6 @@ def counts(records: Iterable[Record]) -> dict[str, dict[str, int]]:
     out: dict[str, Any] = {"total": total}
     out.update({f"by_{k}": dict(sorted(c.items())) for k, c in by.items()})
     return out
-
-
-def extra_dict(extra: str | None) -> dict[str, Any]:
-    """The `extra` JSON text as a dict; text that is not a JSON object is kept under "previous"."""
-    if not extra:
-        return {}
-    try:
-        d = json.loads(extra)
-    except json.JSONDecodeError:
-        return {"previous": extra}
-    return d if isinstance(d, dict) else {"previous": d}
-
-
-def merge_extra(extra: str | None, **items: Any) -> str:
-    """`extra` with `items` added: stages note what they found without losing earlier notes."""
-    return dumps_json({**extra_dict(extra), **items})
 
 
 def dumps_json(obj: Any) -> str:

@@ -26,13 +26,13 @@ import pyarrow.parquet as pq
 
 from pipeline.executor import Executor
 from pipeline.params import Params
-from pipeline.records import ManifestWriter, counts, extra_dict, iter_records
+from pipeline.records import ManifestWriter, counts, iter_records
 
 log = logging.getLogger(__name__)
 
 RATIO_SPLITS = ("train", "val", "test")
 _COLUMNS = ("key", "group_id", "source_id", "parent_key", "status", "kind", "generator",
-            "operation", "extra")
+            "operation", "donor_key")
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def plan(table: Any, p: SplitParams, seed: int) -> tuple[dict[str, str], dict[st
     for r in rows:
         g = root_group(r["key"])
         units.find(g)
-        donor = extra_dict(r["extra"]).get("donor_key")
+        donor = r["donor_key"]
         if donor and donor in by_key:
             units.union(g, root_group(donor))
 

@@ -13,7 +13,6 @@ source's estimated JPEG quality, so that format is never a label.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -161,7 +160,7 @@ class _Factory:
 
 
 def _source(rec: Record, data_dir: Path, seed: int) -> Source:
-    caption = json.loads(rec.extra).get("caption") if rec.extra else None
+    caption = rec.caption
     rgb = imageio.read_rgb(data_dir / rec.blob)
     return Source(
         key=rec.key, image=rgb, domain=rec.domain, seed=seed, format=rec.format, caption=caption
@@ -237,7 +236,7 @@ class _Worker:
             parent_key=src.key,
             stage="synthesize",
             # a splice or face swap carries the donor's pixels: split keeps both groups together
-            extra=dumps_json({"donor_key": job["donor"]["key"]}) if job.get("donor") else None,
+            donor_key=job["donor"]["key"] if job.get("donor") else None,
         )
 
     def _failed(self, job, src, status, error) -> Record:

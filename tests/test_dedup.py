@@ -360,11 +360,12 @@ def test_keep_duplicates_keeps_rows_ok_with_one_group(ingested):
     assert all(len(g) == 1 for g in by_photo.values())
     assert len(set().union(*by_photo.values())) == len(photos())
     by_key = {r.key: r for r in recs}
-    marked = [(r, json.loads(r.extra)) for r in recs if r.extra and "duplicate_of" in r.extra]
+    marked = [(r, {"duplicate_of": r.duplicate_of, "duplicate": r.duplicate_kind})
+              for r in recs if r.duplicate_of]
     assert len(marked) == len(recs) - len(photos())
     for r, m in marked:
         rep = by_key[m["duplicate_of"]]
-        assert rep.group_id == r.group_id and "duplicate_of" not in (rep.extra or "")
+        assert rep.group_id == r.group_id and rep.duplicate_of is None
         assert m["duplicate"] == ("exact" if rep.sha256 == r.sha256 else "near")
 
 

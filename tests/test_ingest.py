@@ -166,7 +166,7 @@ def test_hf_dataset_formats_keep_original_bytes(tmp_path):
     originals = {hashlib.sha256(b).hexdigest() for b in srcs.values()}
     for r in recs:
         assert r.sha256 in originals and (params.data / r.blob).read_bytes() in srcs.values()
-    assert json.loads(next(r for r in recs if r.source == "saved").extra)["caption"].startswith("a cat")
+    assert next(r for r in recs if r.source == "saved").caption.startswith("a cat")
 
 
 def test_webdataset_source(tmp_path):

@@ -36,7 +36,7 @@ def _records(n_groups: int = 60) -> list[Record]:
         donor = f"r{(g + 1) % n_groups:04d}a"
         rows.append(Record(key=f"f{g:04d}splice", source="s", label="tampered", domain="natural",
                            operation="splice", generator="splice", parent_key=f"r{g:04d}a",
-                           group_id=gid, extra=json.dumps({"donor_key": donor}))
+                           group_id=gid, donor_key=donor)
                     if g % 10 == 5 else
                     Record(key=f"f{g:04d}gan", source="s", label="synthetic", domain="aigc",
                            operation="full_synthesis", generator="gan_synthesis",
@@ -64,8 +64,8 @@ def test_split_keeps_groups_and_forgeries_together(tmp_path):
     for r in got.values():
         if r.parent_key:
             assert r.split == got[r.parent_key].split
-        if r.extra and "donor_key" in r.extra:
-            assert r.split == got[json.loads(r.extra)["donor_key"]].split
+        if r.donor_key:
+            assert r.split == got[r.donor_key].split
     assert Counter(r.split for r in got.values()).keys() <= {"train", "val", "test"}
     # roughly the ratios (units are hashed, not counted), and every split used
     share = Counter(r.split for r in got.values() if r.key.startswith("r"))
@@ -224,7 +224,7 @@ def test_splice_donors_share_the_split_of_their_forgery(pipeline_run):
     splices = [r for r in rows.values() if r.generator == "splice" and r.status == "ok"]
     assert splices
     for r in splices:
-        donor = json.loads(r.extra)["donor_key"]
+        donor = r.donor_key
         assert donor in rows and donor != r.parent_key
         assert rows[donor].split == r.split == rows[r.parent_key].split
 
