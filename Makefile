@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install repro test bench lint clean
+.PHONY: install repro test test-fast bench lint clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -p no:cacheprovider tests
+
+# the suite minus tests marked slow (DVC, Ray, kills, training): for local iteration
+test-fast: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -p no:cacheprovider -m "not slow and not gpu" tests
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) $$b || exit 1; done

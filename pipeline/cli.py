@@ -1,8 +1,10 @@
-"""`python -m pipeline STAGE --params FILE`, `run`, `inspect`, `defaults`."""
+"""`python -m pipeline COMMAND`: one command per stage (from `pipeline/stages.py`), `run`,
+`params`, `defaults`, `dvc-yaml`, and the tools (`inspect`)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -11,57 +13,93 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import params as params_mod
-from pipeline.params import STAGES, Params, ParamsError
+from pipeline import stages as stages_mod
+from pipeline.params import Params, ParamsError
 
 log = logging.getLogger("pipeline")
 
-STAGE_HELP = {
-    "ingest": "read every corpus source into data/ingest (original bytes, records, errors)",
-    "dedup": "exact and near-duplicate groups over real sources",
-    "synthesize": "forge real sources with the configured generators",
-    "masks": "derive masks by differencing and reject broken forgeries",
-    "split": "assign train/val/test/test_ood by duplicate group",
-    "shard": "write WebDataset shards per split and data/manifest.parquet",
-    "export": "balanced exports, data fractions, dataset cards, IMDL-BenCo JSON",
+# commands that are not stages: name -> (module with main(argv), help)
+TOOLS: dict[str, tuple[str, str]] = {
+    "inspect": ("pipeline.inspect", "write a PNG of a sample with its mask (see inspect --help)"),
 }
 
 
 def stage_io(stage: str, params: Params) -> tuple[dict[str, Any], Path]:
-    """Inputs and output directory of a stage: each reads the previous stage's manifest."""
+    """Inputs (artifact name -> path) and output folder of a stage, from its declaration."""
+    return stages_mod.resolve(stages_mod.get(stage), params)
+
+
+class DataDirBusy(RuntimeError):
+    """Another run holds the lock on this data_dir."""
+
+
+class DataDirLock:
+    """An exclusive lock on `data_dir` for the length of a run, so two runs never write the
+    same files at once (the second fails at once with a message naming the holder)."""
+
+    def __init__(self, data_dir: Path):
+        self.path = Path(data_dir) / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> DataDirLock:
+        import fcntl
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise DataDirBusy(
+                f"{self.path.parent} is in use by {holder}; wait for it to finish or use "
+                "another data_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import os
+
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+
+def check_data_dir(params: Params) -> None:
     data = params.data
-    if stage == "ingest":
-        return {"corpus": params.corpus_paths()}, data / "ingest"
-    if stage == "shard":
-        return {"manifest": data / "split" / "manifest.parquet"}, data / "shards"
-    if stage == "export":
-        return {"manifest": data / "manifest.parquet", "shards": data / "shards"}, data / "exports"
-    prev = STAGES[STAGES.index(stage) - 1]
-    return {"manifest": data / prev / "manifest.parquet"}, data / stage
+    if data.exists() and not data.is_dir():
+        raise ParamsError(f"data_dir {str(data)!r} exists and is not a directory")
 
 
 def run_stage(stage: str, params: Params, executor=None) -> dict[str, Any]:
-    import importlib
-
     from pipeline.executor import Executor
 
-    module = importlib.import_module(f"pipeline.{stage}")
-    inputs, out = stage_io(stage, params)
-    for name, path in inputs.items():
-        if name == "manifest" and not Path(path).exists():
-            raise FileNotFoundError(f"{stage}: input {path} is missing; run the earlier stages first")
+    decl = stages_mod.get(stage)
+    inputs, out = stages_mod.resolve(decl, params)
+    manifest = inputs.get("manifest")
+    if manifest is not None and not Path(manifest).exists():
+        raise FileNotFoundError(
+            f"{stage}: input {decl.reads[0]!r} ({manifest}) is missing; run the earlier "
+            "stages first"
+        )
     out.mkdir(parents=True, exist_ok=True)
     own = executor is None
     executor = executor or Executor(params.executor)
     t0 = time.perf_counter()
     try:
-        metrics = module.run(params, inputs, out, executor)
+        metrics = decl.run(params, inputs, out, executor)
     finally:
         if own:
             executor.shutdown()
     metrics = {"stage": stage, "seconds": round(time.perf_counter() - t0, 3), **metrics}
     mdir = params.metrics
     mdir.mkdir(parents=True, exist_ok=True)
-    (mdir / f"{stage}.json").write_text(json.dumps(metrics, indent=1, sort_keys=True, default=str) + "\n")
+    text = json.dumps(metrics, indent=1, sort_keys=True, default=str) + "\n"
+    (mdir / f"{stage}.json").write_text(text)
     print(summary(stage, metrics), flush=True)
     return metrics
 
@@ -70,7 +108,9 @@ def summary(stage: str, m: dict[str, Any]) -> str:
     status = m.get("by_status", {})
     parts = [f"{m.get('total', 0)} rows"]
     if status:
-        parts.append(", ".join(f"{k}={v}" for k, v in sorted(status.items(), key=lambda kv: -kv[1])))
+        parts.append(
+            ", ".join(f"{k}={v}" for k, v in sorted(status.items(), key=lambda kv: -kv[1]))
+        )
     if "shipped" in m:
         parts.append(f"shipped={m['shipped']}")
     return f"[{stage}] {'; '.join(parts)} in {m['seconds']:.1f}s"
@@ -83,63 +123,96 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    names = stages_mod.names()
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="Build a forgery detection/localization corpus: "
-        + " -> ".join(STAGES) + ". Each stage reads the previous stage's manifest under data_dir.",
+        + " -> ".join(names)
+        + ". Each stage reads the artifacts of earlier stages under data_dir.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage in STAGES:
-        _common(sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage]))
-    r = sub.add_parser("run", help="run every stage in order, without DVC, into the params' data_dir",
-                       description="Run every stage in order without DVC, into the data_dir of --params.")
+    for s in stages_mod.all_stages():
+        _common(sub.add_parser(s.name, help=s.help, description=s.help))
+    r = sub.add_parser(
+        "run",
+        help="run every stage in order, without DVC, into the params' data_dir",
+        description="Run every stage in order without DVC, into the data_dir of --params.",
+    )
     _common(r)
-    r.add_argument("--from", dest="start", choices=STAGES, default=STAGES[0], help="first stage")
-    r.add_argument("--to", dest="stop", choices=STAGES, default=STAGES[-1], help="last stage")
-    sub.add_parser("inspect", help="write a PNG of a sample with its mask (see inspect --help)", add_help=False)
-    d = sub.add_parser("defaults", help="print the default params as YAML", description="Print the default params.")
+    r.add_argument("--from", dest="start", choices=names, default=names[0], help="first stage")
+    r.add_argument("--to", dest="stop", choices=names, default=names[-1], help="last stage")
+    p = sub.add_parser(
+        "params",
+        help="print the effective params of a file (defaults merged with it) as YAML",
+        description="Print the params a run with --params FILE would use: the defaults merged "
+        "with FILE, nested mappings key by key. Fails like a run would on a bad file.",
+    )
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    d = sub.add_parser(
+        "defaults", help="print the default params as YAML", description="Print the default params."
+    )
     d.add_argument("--out", help="write to this file instead of stdout")
+    y = sub.add_parser(
+        "dvc-yaml",
+        help="print dvc.yaml as derived from the stage declarations",
+        description="Print dvc.yaml derived from the stage declarations and the params' folders.",
+    )
+    y.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    y.add_argument("--out", help="write to this file instead of stdout")
+    for name, (_, help_) in TOOLS.items():
+        sub.add_parser(name, help=help_, add_help=False)
     return parser
+
+
+def _write(text: str, out: str | None) -> None:
+    if out:
+        Path(out).write_text(text)
+    else:
+        sys.stdout.write(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "inspect":
-        from pipeline import inspect
-
-        return inspect.main(argv[1:])
+    if argv and argv[0] in TOOLS:
+        return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "defaults":
-        text = params_mod.dump_defaults()
-        if args.out:
-            Path(args.out).write_text(text)
-        else:
-            sys.stdout.write(text)
-        return 0
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
+        if args.command == "defaults":
+            _write(params_mod.dump_defaults(), args.out)
+            return 0
+        if args.command == "params":
+            _write(params_mod.dump(params_mod.load(args.params)), None)
+            return 0
+        if args.command == "dvc-yaml":
+            path = Path(args.params)
+            params = params_mod.load(path) if path.exists() else params_mod.defaults()
+            _write(stages_mod.dvc_yaml(params), args.out)
+            return 0
         overrides = {"executor": {"backend": args.backend}} if args.backend else None
         params = params_mod.load(args.params, overrides)
+        check_data_dir(params)
         from pipeline.corpus import load_corpus
 
         load_corpus(params.corpus_paths())  # a bad manifest fails before any work
-        if args.command == "run":
-            from pipeline.executor import Executor
+        with DataDirLock(params.data):
+            if args.command == "run":
+                from pipeline.executor import Executor
 
-            stages = STAGES[STAGES.index(args.start) : STAGES.index(args.stop) + 1]
-            executor = Executor(params.executor)
-            try:
-                for stage in stages:
-                    run_stage(stage, params, executor)
-            finally:
-                executor.shutdown()
-        else:
-            run_stage(args.command, params)
-    except ParamsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
+                names = stages_mod.names()
+                todo = names[names.index(args.start) : names.index(args.stop) + 1]
+                executor = Executor(params.executor)
+                try:
+                    for stage in todo:
+                        run_stage(stage, params, executor)
+                finally:
+                    executor.shutdown()
+            else:
+                run_stage(args.command, params)
+    except (ParamsError, FileNotFoundError, DataDirBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

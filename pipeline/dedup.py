@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from pipeline.executor import Executor, Resources
 from pipeline.records import ManifestWriter, counts, iter_records
+from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -615,3 +616,13 @@ def run(params: Any, inputs: dict[str, Path], out: Path, executor: Executor) -> 
     log.info("dedup: %d rows, %d groups, %d exact + %d near duplicates", len(keys),
              figures["groups"], figures["exact_duplicates"], figures["near_duplicates"])
     return metrics
+
+
+STAGE = Stage(
+    name="dedup",
+    help="exact and near-duplicate groups over real sources",
+    params=DedupParams,
+    run=run,
+    reads=("ingest",),
+    writes={"dedup": "dedup"},
+)

@@ -41,6 +41,7 @@ from pipeline.params import Params
 from pipeline.records import SPLITS, ManifestWriter, Record, iter_records
 from pipeline.shard import sample_members, shippable, write_shard_set
 from pipeline.split import unit_hash
+from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -273,3 +274,14 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
                 shutil.rmtree(stale)
     metrics["total"] = sum(e["samples"] for e in metrics["exports"].values())
     return metrics
+
+
+STAGE = Stage(
+    name="export",
+    help="balanced exports, data fractions, dataset cards, IMDL-BenCo JSON",
+    params=ExportParams,
+    run=run,
+    reads=("manifest", "ingest", "synthesize", "masks"),
+    writes={"exports": "exports"},
+    uses=("seed",),
+)

@@ -33,6 +33,7 @@ from pipeline.domains import guess_domain
 from pipeline.executor import Executor, Resources, chunked
 from pipeline.params import Params
 from pipeline.records import ManifestWriter, Record, content_key, counts, iter_records
+from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -497,3 +498,16 @@ class _Factory:
 
     def __call__(self) -> _Worker:
         return _Worker(self.data_dir, self.params)
+
+
+STAGE = Stage(
+    name="ingest",
+    help="read every corpus source into data/ingest (original bytes, records, errors)",
+    params=IngestParams,
+    run=run,
+    reads=("corpus",),
+    writes={"ingest": "ingest"},
+    uses=("corpus",),
+    code=("pipeline/corpus.py", "pipeline/hf.py", "pipeline/domains.py", "pipeline/imageio.py",
+          "pipeline/records.py"),
+)

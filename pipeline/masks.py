@@ -42,6 +42,7 @@ from pipeline.executor import Executor, Resources, chunked
 from pipeline.imageio import decode, decode_mask, encode_gray, encode_mask, write_bytes
 from pipeline.params import Params
 from pipeline.records import ManifestWriter, Record, counts, iter_records
+from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -561,3 +562,13 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     log.info("masks: %d rows, %d rejected %s", metrics["total"], metrics["rejected_total"],
              metrics["rejected"])
     return metrics
+
+
+STAGE = Stage(
+    name="masks",
+    help="derive masks by differencing and reject broken forgeries",
+    params=MasksParams,
+    run=run,
+    reads=("synthesize", "ingest"),  # ingest: the originals the forgeries are compared with
+    writes={"masks": "masks"},
+)

@@ -1,14 +1,17 @@
 """params.yaml -> frozen dataclasses, with unknown keys and bad values rejected by name.
 
-Top-level keys: `data_dir`, `corpus`, `seed`, `metrics_dir`, `executor`, then one section per stage. Each
-stage module declares its own section dataclass; `SECTIONS` below names them explicitly.
-A params file that sets only some keys inherits the rest from these defaults.
+Top-level keys: `data_dir`, `corpus`, `seed`, `metrics_dir`, `plots_dir`, `executor`, then one
+section per stage, named after it: each stage declares its section's dataclass in its
+`STAGE` (see `pipeline/stages.py`). A params file is merged over the defaults in code, nested
+mappings key by key, so a file that sets only some keys inherits the rest; inside a mapping
+of named entries (`synthesize.generators`, `export.exports`, ...) an entry set to `null` is
+removed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,20 +19,6 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-
-# section name -> "module:Class"; the class's defaults are the defaults of params.yaml
-SECTIONS: dict[str, str] = {
-    "ingest": "pipeline.ingest:IngestParams",
-    "dedup": "pipeline.dedup:DedupParams",
-    "synthesize": "pipeline.synthesize:SynthesizeParams",
-    "masks": "pipeline.masks:MasksParams",
-    "split": "pipeline.split:SplitParams",
-    "shard": "pipeline.shard:ShardParams",
-    "export": "pipeline.export:ExportParams",
-}
-
-# stage order for `python -m pipeline run`
-STAGES: tuple[str, ...] = ("ingest", "dedup", "synthesize", "masks", "split", "shard", "export")
 
 
 class ParamsError(ValueError):
@@ -47,9 +36,16 @@ class ExecutorParams:
     progress: bool = True
 
 
+def section_names() -> tuple[str, ...]:
+    from pipeline import stages
+
+    return stages.names()
+
+
 def section_class(name: str) -> type:
-    module, cls = SECTIONS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    from pipeline import stages
+
+    return stages.get(name).params
 
 
 @dataclass(frozen=True)
@@ -68,7 +64,7 @@ class Params:
         sections = object.__getattribute__(self, "sections")
         if name in sections:
             return sections[name]
-        if name in SECTIONS:
+        if name in section_names():
             return section_class(name)()
         raise AttributeError(name)
 
@@ -103,7 +99,7 @@ class Params:
             "plots_dir": self.plots_dir,
             "executor": _asdict(self.executor),
         }
-        for name in SECTIONS:
+        for name in section_names():
             out[name] = _asdict(getattr(self, name))
         return out
 
@@ -136,6 +132,33 @@ def build(cls: type, data: Any, where: str) -> Any:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ParamsError(f"{where}: {e}") from e
+
+
+def merged(tp: Any, base: Any, given: Any) -> Any:
+    """`given` over `base` (raw mappings), nested mappings key by key as type `tp` describes
+    them. A field declared with `metadata={"merge": False}` (a distribution such as
+    `split.ratios`) is replaced whole; a mapping entry that `base` lacks is taken as given."""
+    if not isinstance(given, dict) or not isinstance(base, dict):
+        return given
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return merged(inner[0], base, given) if len(inner) == 1 else given
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        out = dict(base)
+        for k, v in given.items():
+            f = fields.get(k)
+            whole = f is None or f.metadata.get("merge") is False
+            out[k] = v if whole else merged(hints[k], base.get(k), v)
+        return out
+    if get_origin(tp) is dict:
+        vt = get_args(tp)[1] if get_args(tp) else Any
+        out = dict(base)
+        for k, v in given.items():
+            out[k] = merged(vt, base[k], v) if k in base else v
+        return out
+    return given
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -173,7 +196,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ParamsError(f"{where}: expected a mapping, got {value!r}")
         kt, vt = args if args else (Any, Any)
-        return {_coerce(kt, k, where): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+        nullable = vt is Any or type(None) in get_args(vt)
+        return {
+            _coerce(kt, k, where): _coerce(vt, v, f"{where}.{k}")
+            for k, v in value.items()
+            if v is not None or nullable  # `name: null` removes a named entry
+        }
     if tp is bool:
         if not isinstance(value, bool):
             raise ParamsError(f"{where}: expected true or false, got {value!r}")
@@ -185,6 +213,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ParamsError(f"{where}: {value!r} is not allowed; expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -193,23 +223,33 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+TOP_LEVEL = ("data_dir", "corpus", "seed", "metrics_dir", "plots_dir", "executor")
+
+
 def from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> Params:
+    """Params from a mapping merged over the defaults (nested mappings key by key)."""
     if not isinstance(data, dict):
         raise ParamsError("params: expected a mapping at the top level")
-    top = {"data_dir", "corpus", "seed", "metrics_dir", "plots_dir", "executor"}
-    allowed = top | set(SECTIONS)
+    top = set(TOP_LEVEL)
+    allowed = top | set(section_names())
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ParamsError(
             f"params: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(allowed))}"
         )
     hints = typing.get_type_hints(Params)
-    kwargs: dict[str, Any] = {
-        k: _coerce(hints[k], data[k], f"params.{k}") for k in top if k in data
-    }
-    kwargs["sections"] = {
-        name: build(section_class(name), data.get(name), f"params.{name}") for name in SECTIONS
-    }
+    kwargs: dict[str, Any] = {}
+    for k in top & set(data):
+        value = data[k]
+        if k == "executor":
+            value = merged(ExecutorParams, _asdict(ExecutorParams()), value)
+        kwargs[k] = _coerce(hints[k], value, f"params.{k}")
+    sections = {}
+    for name in section_names():
+        cls = section_class(name)
+        given = merged(cls, _asdict(cls()), data.get(name))
+        sections[name] = build(cls, given, f"params.{name}")
+    kwargs["sections"] = sections
     return Params(base_dir=str(base_dir), **kwargs)
 
 
@@ -230,6 +270,7 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """`b` over `a`, nested mappings key by key."""
     out = dict(a)
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
@@ -240,5 +281,15 @@ def defaults() -> Params:
     return from_dict({})
 
 
+PARAMS_HEADER = """\
+# Params of the DVC pipeline (dvc.yaml). Generated from the defaults in code:
+#   python -m pipeline defaults --out params.yaml   (then edit). See README 'Params'.
+"""
+
+
+def dump(params: Params) -> str:
+    return yaml.safe_dump(params.to_dict(), sort_keys=False, width=100)
+
+
 def dump_defaults() -> str:
-    return yaml.safe_dump(defaults().to_dict(), sort_keys=False)
+    return PARAMS_HEADER + dump(defaults())

@@ -39,6 +39,7 @@ from pipeline.records import (
     iter_records,
     to_table,
 )
+from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -245,3 +246,13 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     metrics.update(counts(iter_records(final)))
     metrics["shipped"] = sum(len(v) for v in by_split.values())
     return metrics
+
+
+STAGE = Stage(
+    name="shard",
+    help="write WebDataset shards per split and data/manifest.parquet",
+    params=ShardParams,
+    run=run,
+    reads=("split", "ingest", "synthesize", "masks"),  # the blobs the shards copy
+    writes={"shards": "shards", "manifest": "manifest.parquet"},
+)

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from pipeline.executor import Executor
 from pipeline.params import Params
 from pipeline.records import ManifestWriter, counts, iter_records
+from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,10 @@ _COLUMNS = ("key", "group_id", "source_id", "parent_key", "status", "kind", "gen
 
 @dataclass(frozen=True)
 class SplitParams:
+    # a distribution: a file's `ratios` replaces the default whole (splits it omits get 0)
     ratios: dict[str, float] = field(
-        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1},
+        metadata={"merge": False},
     )
     ood_generators: tuple[str, ...] = ()  # these generators' samples go only to test_ood
     ood_operations: tuple[str, ...] = ()  # and these operations'
@@ -185,3 +188,14 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     }
     log.info("split: %s, %d blocklisted", dict(by_split), len(blocklisted))
     return metrics
+
+
+STAGE = Stage(
+    name="split",
+    help="assign train/val/test/test_ood by duplicate group",
+    params=SplitParams,
+    run=run,
+    reads=("masks",),
+    writes={"split": "split"},
+    uses=("seed",),
+)

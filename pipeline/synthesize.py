@@ -29,6 +29,7 @@ from pipeline import imageio
 from pipeline.executor import Executor, Resources, chunked
 from pipeline.params import Params
 from pipeline.records import ManifestWriter, Record, content_key, counts, dumps_json, iter_records
+from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -336,3 +337,15 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     metrics["sources"] = len(sources)
     metrics["per_generator"] = per_generator
     return metrics
+
+
+STAGE = Stage(
+    name="synthesize",
+    help="forge real sources with the configured generators",
+    params=SynthesizeParams,
+    run=run,
+    reads=("dedup", "ingest"),  # ingest: the real images' bytes
+    writes={"synthesize": "synthesize"},
+    uses=("seed",),
+    code=("generators",),
+)

@@ -88,6 +88,19 @@ def broken_corpus(root: Path) -> dict[str, str]:
     }
 
 
+def only_generators(**specs: dict) -> dict:
+    """`synthesize.generators` with just these: params mappings merge with the defaults, and
+    `null` removes a default entry."""
+    from generators.registry import REGISTRY
+
+    return {name: specs.get(name) for name in REGISTRY} | specs
+
+
+def only_exports(**specs: dict) -> dict:
+    """`export.exports` with just these (the default `balanced` removed)."""
+    return {"balanced": None, **specs}
+
+
 def write_manifest(path: Path, sources: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump({"sources": sources}, sort_keys=False, allow_unicode=True))

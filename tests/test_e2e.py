@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import ROOT, save, write_manifest, write_params
+from conftest import ROOT, only_exports, only_generators, save, write_manifest, write_params
 from PIL import Image
 from skimage import data as skdata
 
@@ -42,9 +42,9 @@ def test_run_all_stages(tmp_path, backend):
     params = write_params(
         tmp_path, [_corpus(tmp_path)],
         executor={"backend": backend, "num_cpus": 2, "progress": False, "batch_size": 2},
-        synthesize={"generators": {"copy_move": {}, "removal": {}, "text_erase": {},
-                                   "gan_synthesis": {}}, "per_source": 2},
-        export={"exports": {"all": {"balance": False, "imdl": False}}},
+        synthesize={"generators": only_generators(copy_move={}, removal={}, text_erase={},
+                                                  gan_synthesis={}), "per_source": 2},
+        export={"exports": only_exports(all={"balance": False, "imdl": False})},
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
     out = subprocess.run([sys.executable, "-m", "pipeline", "run", "--params", str(params)],

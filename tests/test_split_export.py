@@ -9,13 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import local_executor, make_params, save, write_manifest
+from conftest import (
+    local_executor,
+    make_params,
+    only_exports,
+    only_generators,
+    save,
+    write_manifest,
+)
 from PIL import Image
 from skimage import data as skdata
 
 from pipeline import export, split
 from pipeline.cli import run_stage
-from pipeline.params import STAGES, ParamsError, from_dict
+from pipeline.params import ParamsError, from_dict
+from pipeline.stages import names as stage_names
 from pipeline.records import Record, read_records
 from pipeline.records import write_manifest as write_records
 
@@ -171,12 +179,14 @@ def pipeline_run(tmp_path_factory):
          "license": "BSD-3-Clause", "path": str(folder)}])
     params = make_params(
         tmp, [corpus],
-        synthesize={"generators": {"copy_move": {}, "splice": {}, "gan_synthesis": {}}, "per_source": 2},
+        synthesize={"generators": only_generators(copy_move={}, splice={}, gan_synthesis={}),
+                    "per_source": 2},
         split={"ratios": {"train": 0.5, "val": 0.25, "test": 0.25}},
-        export={"exports": {"bal": {"fractions": [0.5, 1.0]}, "all": {"balance": False, "imdl": False}}},
+        export={"exports": only_exports(bal={"fractions": [0.5, 1.0]},
+                                        all={"balance": False, "imdl": False})},
     )
     ex = local_executor()
-    for stage in STAGES:
+    for stage in stage_names():
         run_stage(stage, params, ex)
     return params
 
@@ -231,7 +241,8 @@ def test_splice_donors_share_the_split_of_their_forgery(pipeline_run):
 
 def test_export_rerun_removes_stale_exports(pipeline_run, tmp_path):
     params = from_dict({**pipeline_run.to_dict(),
-                        "export": {"exports": {"only": {"fractions": [1.0], "imdl": False}}}})
+                        "export": {"exports": only_exports(only={"fractions": [1.0],
+                                                                 "imdl": False})}})
     run_stage("export", params, local_executor())
     assert sorted(p.name for p in (params.data / "exports").iterdir()) == ["only"]
 
@@ -256,10 +267,10 @@ def test_pairs_get_derived_masks_and_blocklist_copies_leave_train(tmp_path):
         {"name": "bench", "kind": "blocklist", "domain": "natural", "label": "real", "license": "x",
          "path": str(tmp_path / "block")},
     ])
-    params = make_params(tmp_path, [corpus], synthesize={"generators": {}},
-                         split={"ratios": {"train": 1.0}}, export={"exports": {}})
+    params = make_params(tmp_path, [corpus], synthesize={"per_source": 0},
+                         split={"ratios": {"train": 1.0}}, export={"exports": only_exports()})
     ex = local_executor()
-    for stage in STAGES:
+    for stage in stage_names():
         run_stage(stage, params, ex)
     rows = read_records(params.data / "masks" / "manifest.parquet")
     edit = next(r for r in rows if r.source == "pairs" and r.label == "tampered")

@@ -94,7 +94,10 @@ def _run(data_dir: Path, corpus: Path, **synth) -> tuple[object, dict, list[Reco
 
 
 def gens(**weights: float) -> dict:
-    return {name: {"weight": w} for name, w in weights.items()}
+    """Just these generators (the others removed: params mappings merge with the defaults)."""
+    from generators.registry import REGISTRY
+
+    return {name: {"weight": weights[name]} if name in weights else None for name in REGISTRY}
 
 
 def _dilated(mask: np.ndarray, r: int) -> np.ndarray:
