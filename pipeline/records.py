@@ -131,7 +131,8 @@ class ManifestWriter:
     def __init__(self, path: str | os.PathLike, batch_size: int = 2048):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
+        # unique per writer: two processes never share a temp file
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{id(self):x}.tmp")
         self._writer = pq.ParquetWriter(self._tmp, SCHEMA)
         self._buf: list[Record] = []
         self._batch_size = batch_size
