@@ -90,12 +90,15 @@ def run_stage(stage: str, params: Params, executor=None) -> dict[str, Any]:
     own = executor is None
     executor = executor or Executor(params.executor)
     t0 = time.perf_counter()
+    executor.reset_stats()
     try:
         metrics = decl.run(params, inputs, out, executor)
+        used = executor.reset_stats()
     finally:
         if own:
             executor.shutdown()
-    metrics = {"stage": stage, "seconds": round(time.perf_counter() - t0, 3), **metrics}
+    metrics = {"stage": stage, "seconds": round(time.perf_counter() - t0, 3), **metrics,
+               "executor": used}
     mdir = params.metrics
     mdir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(metrics, indent=1, sort_keys=True, default=str) + "\n"
@@ -171,8 +174,17 @@ def _write(text: str, out: str | None) -> None:
         sys.stdout.write(text)
 
 
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so `finally` blocks shut Ray down and close files
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     if argv and argv[0] in TOOLS:
         return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
