@@ -517,3 +517,23 @@ def test_zero_forgeries_and_stand_ins_are_warned_about(tmp_path, corpus, caplog)
     assert f"3 forgeries come from random-weight stand-in models (inpaint 3 ({model_id}))" in (
         caplog.text
     )
+
+
+def test_default_corpus_plan_forges_every_generator(tmp_path):
+    """Issue 14 point 4: on the embedded corpus (`manifests/default.yaml`) with the default
+    params, every generator is planned, and both face sources get face generators."""
+    params = from_dict({
+        "data_dir": str(tmp_path / "data"), "metrics_dir": str(tmp_path / "metrics"),
+        "corpus": [str(ROOT / "manifests" / "default.yaml")],
+        "executor": {"backend": "local", "progress": False},
+    })  # fmt: skip
+    run_stage("ingest", params, local_executor())
+    rows = read_records(params.data / "ingest" / "manifest.parquet")
+    sources = sorted((r for r in rows if synthesize.is_source(r)), key=lambda r: r.key)
+    jobs = synthesize.plan(sources, params.synthesize, params.seed)
+    assert set(jobs) == set(registry.REGISTRY)
+    faces = {r.key for r in sources if r.domain == "face"}
+    assert len(faces) == 2
+    for key in faces:
+        names = {n for n, js in jobs.items() for j in js if j["source"]["key"] == key}
+        assert len(names) == 2 and names & {"face_swap", "face_edit"}, names

@@ -162,7 +162,9 @@ def find_words(
 ) -> tuple[list[Word], str]:
     """Word boxes on a page and the engine that found them.
 
-    Words shorter than `min_height` px are dropped: too small to edit convincingly.
+    `auto` uses tesseract when it is installed and falls back to the OpenCV word finder when
+    tesseract finds no word (handwriting, slanted text). Words shorter than `min_height` px
+    are dropped: too small to edit convincingly.
     """
     if engine not in ENGINES:
         raise ValueError(f"ocr engine {engine!r}; allowed: {', '.join(ENGINES)}")
@@ -176,6 +178,10 @@ def find_words(
     if engine == "auto":
         used = "tesseract" if tesseract_available() else "opencv"
     words = _tesseract_words(gray, min_conf) if used == "tesseract" else _opencv_words(gray)
+    if engine == "auto" and used == "tesseract" and not words:
+        # tesseract reads printed lines; handwriting and slanted scans give it nothing, while
+        # the OpenCV word finder still finds the ink clusters
+        words, used = _opencv_words(gray), "opencv"
     H, W = gray.shape
     words = [
         wd
@@ -412,7 +418,7 @@ def replacement(text: str | None, box: tuple[int, int, int, int], rng: np.random
 class OcrParams:
     """How the document generators find words; each one's params extend it."""
 
-    ocr: Literal["auto", "tesseract", "opencv"] = "auto"  # auto: tesseract when installed
+    ocr: Literal["auto", "tesseract", "opencv"] = "auto"  # auto: tesseract, else opencv
     min_conf: float = 60.0  # tesseract confidence a word needs to take part
     min_height: int = 8  # px; smaller words are left alone
 
