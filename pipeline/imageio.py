@@ -374,7 +374,7 @@ def encode_like(image: np.ndarray, source: bytes, base: np.ndarray | None = None
         fmt = src.format or "PNG"
         frames = getattr(src, "n_frames", 1)
         interlace = src.tile[0].args[1] if fmt == "GIF" and src.tile else None  # gone after load
-        src.load()
+        # pixels are read only where the mode needs them (alpha, palette, stored values)
         if frames > 1:
             notes.setdefault("unmatched", []).append(
                 f"{frames} frames: the forgery is the first frame only"

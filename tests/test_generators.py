@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -23,6 +27,7 @@ from generators.document import text_replace
 from pipeline import imageio
 from pipeline.synthesize import SynthesizeParams
 
+ROOT = Path(__file__).resolve().parents[1]
 SEED = 20240611
 DILATE = SynthesizeParams().paste_back_dilate
 # the generators that run a diffusers pipeline with their default params
@@ -409,3 +414,20 @@ def test_regeneration_vae_round_trip():
     # at `size: null` the model runs at the source's size (rounded to multiples of 8)
     g = built("regeneration", mode="vae", size=None).generate(src, np.random.default_rng(0))
     assert g.image.shape == src.image.shape == (128, 192, 3)
+
+
+def test_params_load_without_torch_or_diffusers():
+    """Issue 9: `import pipeline.synthesize` and `generators.registry`, building the
+    synthesize params with every generator's typed params (what params loading does for this
+    section) and building every generator import neither torch nor diffusers."""
+    code = (
+        "import sys, pipeline.synthesize as s, generators.registry as r\n"
+        "from pipeline.params import build\n"
+        "build(s.SynthesizeParams, {}, 'synthesize'); [r.build(n) for n in r.REGISTRY]\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
