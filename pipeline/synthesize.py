@@ -173,6 +173,7 @@ def plan(sources: list[Record], p: SynthesizeParams, seed: int) -> dict[str, lis
         picked = rng.choice(len(names), size=k, replace=False, p=w / w.sum())
         chosen[src.key] += [names[i] for i in sorted(picked)]
     # 3. jobs, with donors for the generators that paste another image in
+    partners = _partners(sources, seed)
     by_domain: dict[str, list[Record]] = defaultdict(list)
     for r in sources:
         by_domain[r.domain].append(r)
@@ -182,25 +183,39 @@ def plan(sources: list[Record], p: SynthesizeParams, seed: int) -> dict[str, lis
         for name in sorted(chosen[src.key], key=order.__getitem__):
             info = infos[name]
             donor = None
-            if info.needs_donor:
-                pool = [
-                    d
-                    for d in by_domain.get(info.donor_domain or src.domain, [])
-                    if d.key != src.key
-                ]
-                if pool:
-                    rng = np.random.default_rng(derive_seed(seed, src.key, name, "donor"))
-                    donor = pool[int(rng.integers(len(pool)))].to_dict()
+            if info.needs_donor and info.donor_domain in (None, src.domain):
+                donor = partners.get(src.key)
+            elif info.needs_donor and by_domain.get(info.donor_domain):
+                pool = by_domain[info.donor_domain]
+                donor = pool[derive_seed(seed, src.key, name, "donor") % len(pool)]
             key = content_key(src.key, name)
             jobs[name].append(
                 {
                     "source": src.to_dict(),
-                    "donor": donor,
+                    "donor": donor.to_dict() if donor is not None else None,
                     "key": key,
                     "seed": derive_seed(seed, key),
                 }
             )
     return jobs
+
+
+def _partners(sources: list[Record], seed: int) -> dict[str, Record]:
+    """The donor of each source: sources of a domain in a seeded order, paired two by two
+    (the odd one out joins the last pair). A splice or face swap links its source's and its
+    donor's groups (split keeps them together); pairs keep those linked units at two or
+    three groups, however large the corpus and whatever the generator mix."""
+    by_domain: dict[str, list[Record]] = defaultdict(list)
+    for r in sources:
+        by_domain[r.domain].append(r)
+    partners = {}
+    for pool in by_domain.values():
+        ring = sorted(pool, key=lambda r: derive_seed(seed, r.key, "pair"))
+        for i, r in enumerate(ring):
+            j = i ^ 1 if (i ^ 1) < len(ring) else i - 1
+            if 0 <= j != i:
+                partners[r.key] = ring[j]
+    return partners
 
 
 def why_no_work(sources: list[Record], p: SynthesizeParams, jobs: dict[str, list]) -> list[str]:

@@ -537,3 +537,36 @@ def test_default_corpus_plan_forges_every_generator(tmp_path):
     for key in faces:
         names = {n for n, js in jobs.items() for j in js if j["source"]["key"] == key}
         assert len(names) == 2 and names & {"face_swap", "face_edit"}, names
+
+
+def test_donors_pair_sources_so_linked_groups_stay_small():
+    """A splice or face swap ties its source's and its donor's groups together in split;
+    donors are partners two by two, so a linked unit is at most three groups whatever the
+    corpus size and mix, and a source's donor does not depend on the generator mix."""
+    sources = _sources(natural=51)
+    heavy = synthesize.SynthesizeParams(
+        generators={"splice": synthesize.GeneratorSpec(weight=5.0),
+                    "copy_move": synthesize.GeneratorSpec()},
+        per_source=2,
+    )
+    parent = {s.key: s.key for s in sources}
+
+    def root(k):
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    donors = {}
+    for job in synthesize.plan(sources, heavy, seed=4)["splice"]:
+        donors[job["source"]["key"]] = job["donor"]["key"]
+        parent[root(job["source"]["key"])] = root(job["donor"]["key"])
+    assert len(donors) == 51  # every source spliced (weight 5 of 6, two slots)
+    units = Counter(root(k) for k in parent)
+    assert max(units.values()) <= 3 and sorted(units.values()).count(3) == 1
+    light = synthesize.SynthesizeParams(
+        generators={"splice": synthesize.GeneratorSpec(), "removal": synthesize.GeneratorSpec(),
+                    "copy_move": synthesize.GeneratorSpec()},
+        per_source=1,
+    )
+    for job in synthesize.plan(sources, light, seed=4)["splice"]:
+        assert donors[job["source"]["key"]] == job["donor"]["key"]
