@@ -1,7 +1,8 @@
 """The explicit registry of forgery generators: name -> "module:Class".
 
-Modules are imported when a generator is asked for, so a generator whose optional
-dependency is missing fails with an error naming the package, and only when it is used.
+Modules are imported when a generator is asked for, so importing the registry is cheap and a
+generator whose optional dependency is missing fails with an error naming the package, and
+only when it is used. Generator modules import neither torch nor diffusers at module level.
 """
 
 from __future__ import annotations
@@ -39,6 +40,27 @@ def generator_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def build(name: str, params: dict[str, Any] | None = None) -> Any:
-    """Builds (but does not set up) the generator `name` with its params."""
-    return generator_class(name)(**(params or {}))
+def params_class(name: str) -> type:
+    """The frozen dataclass of generator `name`'s params."""
+    return generator_class(name).Params
+
+
+def make_params(name: str, params: Any = None, where: str | None = None) -> Any:
+    """Generator `name`'s params from a mapping (None: the defaults), checked like every
+    params section: unknown keys and wrong types named by `pipeline.params.build`, bad values
+    by the dataclass. An instance of the params class is returned as it is."""
+    cls = params_class(name)
+    if isinstance(params, cls):
+        return params
+    if params is not None and not isinstance(params, dict):
+        raise ValueError(
+            f"{where or name}: expected a mapping or {cls.__name__}, got {type(params).__name__}"
+        )
+    from pipeline.params import build as build_dataclass
+
+    return build_dataclass(cls, params or {}, where or f"generators.{name}.params")
+
+
+def build(name: str, params: Any = None) -> Any:
+    """Builds (but does not set up) the generator `name` with its params (mapping or dataclass)."""
+    return generator_class(name)(make_params(name, params))

@@ -1,20 +1,28 @@
 """Synthesize: forge real sources with the generators chosen in params.
 
-For each shippable real source the stage draws `per_source` distinct generators of the
-source's domain (plus the `aigc` ones, which take any source), weighted by per-generator
-and per-domain weights, with a random stream seeded from (global seed, sample key); each
-forgery's own seed derives from (global seed, forgery key). Per generator, the work runs
-through the executor: GPU generators as actors asking for `num_gpus` with their batch size,
-CPU ones as ordinary workers. After generation the stage pastes the source back outside the
-dilated edit region (local edits) and encodes the result in the source's format at the
-source's estimated JPEG quality, so that format is never a label.
+Planning (`plan`, a pure function of the sources, params and seed): each shippable real
+source gets `per_source` distinct generators of its domain (plus the `aigc` ones, which take
+any source). First every generator with weight > 0 gets one source that can take it (the
+scarcest generators first, on the sources with the most free slots), so that a small corpus
+still exercises every generator; the remaining slots are drawn by per-generator and
+per-domain weights from a random stream seeded by (global seed, source key). Each forgery's
+own seed derives from (global seed, forgery key).
+
+Per generator, the work runs through the executor: GPU generators as actors asking for
+`num_gpus` with their batch size, CPU ones as ordinary workers. After generation the stage
+pastes the source back outside the dilated edit region (local edits) and encodes the result
+the way its source is encoded (`pipeline.imageio.encode_like`: container, mode, JPEG tables
+and subsampling, metadata), so that nothing in the file but the forgery tells it from a real
+image. Full syntheses ship at the size their generator made them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,16 +42,28 @@ from pipeline.stage import Stage
 log = logging.getLogger(__name__)
 
 DOMAIN_NAMES = ("document", "natural", "face", "aigc")
-DEFAULT_JPEG_QUALITY = 95  # `imageio.encode_like`'s quality when the source's is unknown
+DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
 class GeneratorSpec:
     weight: float = 1.0
-    params: dict[str, Any] = field(default_factory=dict)  # passed to the generator's __init__
+    # the generator's own frozen params dataclass (`generators.registry.params_class(name)`);
+    # a mapping in the params file is built into it when the params load
+    params: Any = None
     device: str = "cpu"  # cpu | cuda | cuda:N; a cuda device runs as Ray actors with num_gpus
     num_gpus: float = 1.0  # per actor, when device is cuda
     batch_size: int = 1  # sources per generate_batch call (diffusers); CPU ones use 1
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.weight) or self.weight < 0:
+            raise ValueError(f"weight {self.weight!r}; allowed: a finite number >= 0")
+        if not np.isfinite(self.num_gpus) or self.num_gpus <= 0:
+            raise ValueError(f"num_gpus {self.num_gpus!r}; allowed: a finite number > 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size {self.batch_size!r}; allowed: an integer >= 1")
+        if not isinstance(self.device, str) or not DEVICE.match(self.device):
+            raise ValueError(f"device {self.device!r}; allowed: cpu, cuda, cuda:N, mps")
 
 
 def _default_generators() -> dict[str, GeneratorSpec]:
@@ -57,24 +77,39 @@ class SynthesizeParams:
     per_source: int = 2  # forgeries per real source (distinct generators)
     paste_back: bool = True  # local edits: source pixels outside the dilated mask
     paste_back_dilate: int = 2  # px
-    match_source_format: bool = True  # encode like the source (JPEG at its quality)
+    match_source_format: bool = True  # encode like the source (container, mode, tables, metadata)
     max_sources: int | None = None  # cap, for quick runs
 
     def __post_init__(self) -> None:
-        for name in self.generators:
+        specs = {}
+        for name, spec in self.generators.items():
             if name not in registry.REGISTRY:
                 raise ValueError(
                     f"synthesize.generators: unknown generator {name!r}; "
                     f"valid generators: {', '.join(sorted(registry.REGISTRY))}"
                 )
-        for d in self.domain_weights:
+            spec = spec if spec is not None else GeneratorSpec()
+            built = registry.make_params(name, spec.params, f"generators.{name}.params")
+            specs[name] = dataclasses.replace(spec, params=built)
+        object.__setattr__(self, "generators", specs)
+        for d, w in self.domain_weights.items():
             if d not in DOMAIN_NAMES:
                 raise ValueError(
                     f"synthesize.domain_weights: unknown domain {d!r}; "
                     f"allowed: {', '.join(DOMAIN_NAMES)}"
                 )
+            if not np.isfinite(w) or w < 0:
+                raise ValueError(
+                    f"synthesize.domain_weights.{d}: {w!r}; allowed: a finite number >= 0"
+                )
         if self.per_source < 0:
-            raise ValueError("synthesize.per_source must be >= 0")
+            raise ValueError(f"synthesize.per_source {self.per_source!r}; allowed: >= 0")
+        if self.paste_back_dilate < 0:
+            raise ValueError(
+                f"synthesize.paste_back_dilate {self.paste_back_dilate!r}; allowed: >= 0"
+            )
+        if self.max_sources is not None and self.max_sources < 0:
+            raise ValueError(f"synthesize.max_sources {self.max_sources!r}; allowed: null or >= 0")
 
 
 def derive_seed(global_seed: int, *parts: object) -> int:
@@ -105,47 +140,108 @@ def _gen_info(name: str) -> _GenInfo:
     )
 
 
+def _weights(p: SynthesizeParams, infos: dict[str, _GenInfo]) -> dict[str, float]:
+    """Each generator's effective weight (its own times its domain's); only those above 0."""
+    w = {n: p.generators[n].weight * p.domain_weights.get(i.domain, 1.0) for n, i in infos.items()}
+    return {n: v for n, v in w.items() if v > 0}
+
+
 def plan(sources: list[Record], p: SynthesizeParams, seed: int) -> dict[str, list[dict[str, Any]]]:
     """Which generator forges which source (and with which donor): a pure function."""
     infos = {name: _gen_info(name) for name in p.generators}
+    weights = _weights(p, infos)
+    if p.per_source == 0 or not weights:
+        return {}
+    fits = {s.key: [n for n in weights if infos[n].domain in (s.domain, "aigc")] for s in sources}
+    slots = {s.key: min(p.per_source, len(fits[s.key])) for s in sources}
+    chosen: dict[str, list[str]] = {s.key: [] for s in sources}
+    # 1. cover: every generator gets one source that can take it, scarcest generators first,
+    #    each on the source with the most free slots (ties: a stable hash of seed and names)
+    takers = {n: [s.key for s in sources if n in fits[s.key]] for n in weights}
+    for name in sorted(weights, key=lambda n: (len(takers[n]), n)):
+        free = [k for k in takers[name] if len(chosen[k]) < slots[k]]
+        if free:
+            best = max(free, key=lambda k: (slots[k] - len(chosen[k]), -derive_seed(seed, k, name)))
+            chosen[best].append(name)
+    # 2. fill the remaining slots by weight, without repeating a generator on a source
+    for src in sources:
+        names = [n for n in fits[src.key] if n not in chosen[src.key]]
+        k = slots[src.key] - len(chosen[src.key])
+        if k <= 0 or not names:
+            continue
+        rng = np.random.default_rng(derive_seed(seed, src.key, "mix"))
+        w = np.array([weights[n] for n in names])
+        picked = rng.choice(len(names), size=k, replace=False, p=w / w.sum())
+        chosen[src.key] += [names[i] for i in sorted(picked)]
+    # 3. jobs, with donors for the generators that paste another image in
+    partners = _partners(sources, seed)
     by_domain: dict[str, list[Record]] = defaultdict(list)
     for r in sources:
         by_domain[r.domain].append(r)
+    order = {n: i for i, n in enumerate(p.generators)}
     jobs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for src in sources:
-        names = [n for n, i in infos.items() if i.domain in (src.domain, "aigc")]
-        w = np.array(
-            [p.generators[n].weight * p.domain_weights.get(infos[n].domain, 1.0) for n in names]
-        )
-        names = [n for n, wi in zip(names, w) if wi > 0]
-        w = w[w > 0]
-        if not names or p.per_source == 0:
-            continue
-        rng = np.random.default_rng(derive_seed(seed, src.key, "mix"))
-        k = min(p.per_source, len(names))
-        chosen = rng.choice(len(names), size=k, replace=False, p=w / w.sum())
-        for i in sorted(chosen):
-            name = names[i]
+        for name in sorted(chosen[src.key], key=order.__getitem__):
             info = infos[name]
             donor = None
-            if info.needs_donor:
-                pool = [
-                    d
-                    for d in by_domain.get(info.donor_domain or src.domain, [])
-                    if d.key != src.key
-                ]
-                if pool:
-                    donor = pool[int(rng.integers(len(pool)))].to_dict()
+            if info.needs_donor and info.donor_domain in (None, src.domain):
+                donor = partners.get(src.key)
+            elif info.needs_donor and by_domain.get(info.donor_domain):
+                pool = by_domain[info.donor_domain]
+                donor = pool[derive_seed(seed, src.key, name, "donor") % len(pool)]
             key = content_key(src.key, name)
             jobs[name].append(
                 {
                     "source": src.to_dict(),
-                    "donor": donor,
+                    "donor": donor.to_dict() if donor is not None else None,
                     "key": key,
                     "seed": derive_seed(seed, key),
                 }
             )
     return jobs
+
+
+def _partners(sources: list[Record], seed: int) -> dict[str, Record]:
+    """The donor of each source: sources of a domain in a seeded order, paired two by two
+    (the odd one out joins the last pair). A splice or face swap links its source's and its
+    donor's groups (split keeps them together); pairs keep those linked units at two or
+    three groups, however large the corpus and whatever the generator mix."""
+    by_domain: dict[str, list[Record]] = defaultdict(list)
+    for r in sources:
+        by_domain[r.domain].append(r)
+    partners = {}
+    for pool in by_domain.values():
+        ring = sorted(pool, key=lambda r: derive_seed(seed, r.key, "pair"))
+        for i, r in enumerate(ring):
+            j = i ^ 1 if (i ^ 1) < len(ring) else i - 1
+            if 0 <= j != i:
+                partners[r.key] = ring[j]
+    return partners
+
+
+def why_no_work(sources: list[Record], p: SynthesizeParams, jobs: dict[str, list]) -> list[str]:
+    """Why configured generators got nothing to do: the reasons a run's log should show."""
+    infos = {name: _gen_info(name) for name in p.generators}
+    weights = _weights(p, infos)
+    domains = sorted({str(s.domain) for s in sources})
+    if not sources:
+        return []
+    if not p.generators:
+        return ["synthesize.generators is empty"]
+    if p.per_source == 0:
+        return ["synthesize.per_source is 0"]
+    if not weights:
+        return [
+            "every configured generator has weight 0 (its own weight times its domain's in "
+            f"synthesize.domain_weights): {', '.join(p.generators)}"
+        ]
+    reasons = []
+    for name in weights:
+        if not jobs.get(name) and not any(infos[name].domain in (d, "aigc") for d in domains):
+            reasons.append(
+                f"{name} forges {infos[name].domain} sources and the sources are {', '.join(domains)}"
+            )
+    return reasons
 
 
 class _Factory:
@@ -160,12 +256,18 @@ class _Factory:
         return _Worker(gen, self.p, Path(self.data_dir))
 
 
-def _source(rec: Record, data_dir: Path, seed: int) -> Source:
-    caption = rec.caption
-    rgb = imageio.read_rgb(data_dir / rec.blob)
-    return Source(
-        key=rec.key, image=rgb, domain=rec.domain, seed=seed, format=rec.format, caption=caption
+def _source(rec: Record, data_dir: Path, seed: int) -> tuple[Source, bytes]:
+    """The decoded source handed to the generator, and its stored bytes (to encode like)."""
+    data = (data_dir / rec.blob).read_bytes()
+    src = Source(
+        key=rec.key,
+        image=imageio.decode(data),
+        domain=rec.domain,
+        seed=seed,
+        format=rec.format,
+        caption=rec.caption,
     )
+    return src, data
 
 
 class _Worker:
@@ -177,31 +279,30 @@ class _Worker:
         for job in jobs:
             src = Record(**job["source"])
             try:
-                s = _source(src, self.data_dir, job["seed"])
+                s, data = _source(src, self.data_dir, job["seed"])
                 if job["donor"]:
-                    d = Record(**job["donor"])
-                    s.donor = _source(d, self.data_dir, job["seed"])
-                prepared.append((job, src, s))
+                    s.donor, _ = _source(Record(**job["donor"]), self.data_dir, job["seed"])
+                prepared.append((job, src, s, data))
             except Exception as e:  # noqa: BLE001 - recorded on the row
                 out[job["key"]] = self._failed(
                     job, src, "generator_error", f"cannot load source: {e}"
                 )
         forgeries: list[Forgery | Exception] = []
         if prepared and hasattr(self.gen, "generate_batch") and len(prepared) > 1:
-            rngs = [np.random.default_rng(job["seed"]) for job, _, _ in prepared]
+            rngs = [np.random.default_rng(job["seed"]) for job, *_ in prepared]
             try:
-                forgeries = list(self.gen.generate_batch([s for _, _, s in prepared], rngs))
+                forgeries = list(self.gen.generate_batch([s for _, _, s, _ in prepared], rngs))
             except Exception as e:  # noqa: BLE001 - fall back to one by one to isolate the bad one
                 log.warning("%s: batch failed (%s); retrying one by one", self.gen.name, e)
                 forgeries = []
         if len(forgeries) != len(prepared):
             forgeries = []
-            for job, _, s in prepared:
+            for job, _, s, _ in prepared:
                 try:
                     forgeries.append(self.gen.generate(s, np.random.default_rng(job["seed"])))
                 except Exception as e:  # noqa: BLE001
                     forgeries.append(e)
-        for (job, src, s), f in zip(prepared, forgeries):
+        for (job, src, s, data), f in zip(prepared, forgeries):
             if isinstance(f, SkipSample):
                 out[job["key"]] = self._failed(job, src, "skipped", str(f) or "source unsuitable")
             elif isinstance(f, Exception):
@@ -210,7 +311,7 @@ class _Worker:
                 )
             else:
                 try:
-                    out[job["key"]] = self._finish(job, src, s, f)
+                    out[job["key"]] = self._finish(job, src, s, data, f)
                 except Exception as e:  # noqa: BLE001
                     out[job["key"]] = self._failed(
                         job, src, "generator_error", f"{type(e).__name__}: {e}"
@@ -243,38 +344,39 @@ class _Worker:
     def _failed(self, job, src, status, error) -> Record:
         return self._base(job, src).replace(status=status, error=error)
 
-    def _finish(self, job: dict[str, Any], src: Record, s: Source, f: Forgery) -> Record:
-        img = np.asarray(f.image)
-        h, w = s.image.shape[:2]
-        if img.shape != (h, w, 3) or img.dtype != np.uint8:
+    def _finish(
+        self, job: dict[str, Any], src: Record, s: Source, data: bytes, f: Forgery
+    ) -> Record:
+        img, mask = np.asarray(f.image), np.asarray(f.mask, bool)
+        if f.label not in ("tampered", "synthetic"):
+            raise ValueError(f"generator returned label {f.label!r}; allowed: tampered, synthetic")
+        local = f.local and f.label == "tampered"
+        # a local edit keeps its source's size; a full synthesis ships at the size it was made
+        h, w = s.image.shape[:2] if local else img.shape[:2]
+        if img.ndim != 3 or img.shape != (h, w, 3) or img.dtype != np.uint8:
             raise ValueError(
                 f"generator returned {img.shape} {img.dtype}; expected {(h, w, 3)} uint8"
             )
-        mask = np.asarray(f.mask, bool)
         if mask.shape != (h, w):
             raise ValueError(f"generator returned a mask of shape {mask.shape}; expected {(h, w)}")
-        if f.label not in ("tampered", "synthetic"):
-            raise ValueError(f"generator returned label {f.label!r}; allowed: tampered, synthetic")
         if not mask.any():
             return self._failed(job, src, "skipped", "generator returned an empty mask")
-        local = f.local and f.label == "tampered"
         if local and self.p.paste_back:
             img = imageio.paste_back(s.image, img, mask, self.p.paste_back_dilate)
-        quality = None
+        provenance = dict(f.params)
         if self.p.match_source_format:
-            data, ext = imageio.encode_like(img, src.format, src.jpeg_quality)
-            if ext == "jpg":
-                quality = src.jpeg_quality or DEFAULT_JPEG_QUALITY  # what encode_like used
+            same = img.shape == s.image.shape
+            enc = imageio.encode_like(img, data, s.image if same else None)
+            provenance["encoding"] = enc.notes
         else:
-            data, ext = imageio.encode_like(img, "png")
-        sha = hashlib.sha256(data).hexdigest()
-        blob = f"synthesize/blobs/{job['key']}.{ext}"
-        imageio.write_bytes(self.data_dir / blob, data)
+            enc = imageio.Encoded(imageio.encode_png(img), "png", "RGB")
+        sha = hashlib.sha256(enc.data).hexdigest()
+        blob = f"synthesize/blobs/{job['key']}.{enc.ext}"
+        imageio.write_bytes(self.data_dir / blob, enc.data)
         requested = None
         if local and f.mask_known:
             requested = f"synthesize/requested/{job['key']}.png"
             imageio.write_bytes(self.data_dir / requested, imageio.encode_mask(mask))
-        provenance = dict(f.params)
         if f.model_revision:
             provenance["model_revision"] = f.model_revision
         if f.source_region is not None:
@@ -282,18 +384,21 @@ class _Worker:
         provenance["encoded_like_source"] = self.p.match_source_format
         provenance["source_format"] = src.format
         provenance["source_jpeg_quality"] = src.jpeg_quality
+        # the source's quantisation tables are reused: its quality estimate holds for the copy
+        quality = src.jpeg_quality if enc.ext == "jpg" and src.format == "jpg" else None
         rec = self._base(job, src).replace(
             label=f.label,
             model_id=f.model_id,
             params=dumps_json(provenance),
             width=w,
             height=h,
-            format=ext,
+            format=enc.ext,
             sha256=sha,
             phash=str(imagehash.phash(Image.fromarray(img))),
-            nbytes=len(data),
-            mode="RGB",
+            nbytes=len(enc.data),
+            mode=enc.mode,
             jpeg_quality=quality,
+            exif_orientation=src.exif_orientation if enc.notes.get("exif") else None,
             blob=blob,
             requested_mask_blob=requested,
         )
@@ -308,9 +413,22 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     manifest = Path(out) / "manifest.parquet"
     sources = [r for r in iter_records(inputs["manifest"]) if is_source(r)]
     sources.sort(key=lambda r: r.key)
+    available = len(sources)
     if p.max_sources is not None:
         sources = sources[: p.max_sources]
     jobs = plan(sources, p, params.seed)
+    if available and not sources:
+        log.warning("synthesize: 0 forgeries planned: synthesize.max_sources is 0")
+    elif sources:
+        reasons = why_no_work(sources, p, jobs)
+        if not any(jobs.values()):
+            log.warning(
+                "synthesize: 0 forgeries planned for %d sources: %s",
+                len(sources),
+                "; ".join(reasons),
+            )
+        for reason in reasons if any(jobs.values()) else ():
+            log.warning("synthesize: a generator got no work: %s", reason)
     forged: list[Record] = []
     per_generator: dict[str, dict[str, int]] = {}
     for name in p.generators:
@@ -336,7 +454,29 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     metrics = counts(forged)
     metrics["sources"] = len(sources)
     metrics["per_generator"] = per_generator
+    metrics["stand_ins"] = stand_ins = _stand_ins(forged)
+    if stand_ins:
+        log.warning(
+            "synthesize: %d forgeries come from random-weight stand-in models (%s): their "
+            "pixels are noise-like, fit for testing the plumbing, not for training; set "
+            "synthesize.generators.<name>.params.model to a checkpoint",
+            sum(c for v in stand_ins.values() for c in v.values()),
+            ", ".join(
+                f"{name} {c} ({mid})" for name, v in stand_ins.items() for mid, c in v.items()
+            ),
+        )
     return metrics
+
+
+def _stand_ins(rows: list[Record]) -> dict[str, dict[str, int]]:
+    """{generator: {model_id: count}} of the ok rows a random-weight stand-in made."""
+    from generators.diffusion import is_stand_in
+
+    found: dict[str, Counter] = defaultdict(Counter)
+    for r in rows:
+        if r.status == "ok" and is_stand_in(r.model_id):
+            found[r.generator][r.model_id] += 1
+    return {name: dict(c) for name, c in sorted(found.items())}
 
 
 STAGE = Stage(

@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
+import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from conftest import local_executor, save, write_manifest
+import yaml
+from conftest import ROOT, local_executor, save, write_manifest
 from PIL import Image
 from skimage import data as skdata
 
+from generators import registry
 from pipeline import imageio, synthesize
 from pipeline.cli import run_stage
 from pipeline.ingest import jpeg_quality
-from pipeline.params import ParamsError, from_dict
+from pipeline.params import ParamsError, dump_defaults, from_dict
 from pipeline.records import Record, read_records
 
 SOURCE_JPEG_QUALITY = 83
@@ -164,7 +171,7 @@ def test_format_follows_the_source(tmp_path, corpus):
         per_source=1,
         match_source_format=False,
     )
-    assert {r.format for r in plain} == {"png"}
+    assert {(r.format, r.mode) for r in plain} == {("png", "RGB")}
     assert all(json.loads(r.params)["encoded_like_source"] is False for r in plain)
     assert all(r.jpeg_quality is None for r in plain)
 
@@ -277,3 +284,319 @@ def test_unknown_generator_in_params_is_rejected(tmp_path, corpus):
         _params(tmp_path, corpus, generators={"nope": {}})
     with pytest.raises(ParamsError, match="weight"):
         _params(tmp_path, corpus, generators={"copy_move": {"wieght": 2}})
+
+
+# --------------------------------------------------------------------------- no shortcuts
+
+
+def _containers(root: Path) -> Path:
+    """Real images in many containers and modes, each made to look like what is in the wild."""
+    from PIL import ImageCms
+
+    folder = root / "containers"
+    coffee = Image.fromarray(skdata.coffee()).resize((176, 128))
+    chelsea = Image.fromarray(skdata.chelsea()).resize((160, 120))
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x010F] = "TestCam"  # Make
+    rgba = np.asarray(coffee.convert("RGBA")).copy()
+    rgba[:, :40, 3] = 90  # a translucent band and a transparent corner
+    rgba[:16, :16, 3] = 0
+    frames = [chelsea.convert("P"), chelsea.rotate(5).convert("P")]
+    save(coffee, folder / "camera.jpg", "JPEG", quality=78, subsampling=2, progressive=True,
+         exif=exif.tobytes(), icc_profile=icc, optimize=True)
+    save(chelsea, folder / "q95_444.jpg", "JPEG", quality=95, subsampling=0)
+    save(coffee.convert("CMYK"), folder / "cmyk.jpg", "JPEG", quality=88)
+    save(chelsea.convert("L"), folder / "grey.jpg", "JPEG", quality=70)
+    save(Image.fromarray(rgba), folder / "alpha.png", "PNG", compress_level=9)
+    save(chelsea.convert("L"), folder / "grey.png", "PNG", compress_level=1)
+    save(coffee.convert("P"), folder / "palette.png", "PNG")
+    save(chelsea.convert("LA"), folder / "grey_alpha.png", "PNG")
+    save(Image.fromarray(np.asarray(coffee.convert("L"), np.uint16) * 257), folder / "deep.png", "PNG")
+    save(chelsea, folder / "scan.bmp", "BMP")
+    save(coffee.convert("P"), folder / "palette.bmp", "BMP")
+    save(chelsea.convert("P"), folder / "still.gif", "GIF")
+    frames[0].save(folder / "animated.gif", "GIF", save_all=True, append_images=frames[1:])
+    save(coffee, folder / "lossy.webp", "WEBP", quality=55)
+    save(chelsea, folder / "lossless.webp", "WEBP", lossless=True)
+    save(coffee, folder / "scan.tif", "TIFF", compression="tiff_lzw")
+    return write_manifest(
+        root / "containers.yaml",
+        [{"name": "containers", "kind": "image_folder", "domain": "natural", "label": "real",
+          "license": "test", "path": str(folder)}],
+    )
+
+
+def _jpeg_header(im: Image.Image, data: bytes) -> tuple:
+    from PIL import JpegImagePlugin
+
+    return (
+        im.quantization,
+        JpegImagePlugin.get_sampling(im),
+        bool(im.info.get("progressive")),
+        bool(imageio._jpeg_optimized(data) or im.info.get("progressive")),
+        im.info.get("exif"),
+        im.info.get("icc_profile"),
+        "jfif" in im.info,
+    )
+
+
+@pytest.fixture(scope="module")
+def containers_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("containers")
+    return root, _run(root / "data", _containers(root), generators=gens(copy_move=1), per_source=1)
+
+
+def test_forgeries_keep_their_sources_container(containers_run):
+    """Issue 10 points 5-6, issue 17 point 3: container, mode, alpha, JPEG tables,
+    subsampling, progressive and Huffman flags, EXIF and ICC, WebP kind follow the source;
+    outside the edit a lossless forgery keeps the source's stored values exactly."""
+    root, (params, _, inputs, forged) = containers_run
+    by_key = {r.key: r for r in inputs}
+    seen = set()
+    for r in forged:
+        assert r.status == "ok", r.error
+        src = by_key[r.parent_key]
+        name = src.uri.rsplit("/", 1)[-1]
+        a = (params.data / src.blob).read_bytes()
+        b = (params.data / r.blob).read_bytes()
+        with Image.open(io.BytesIO(a)) as ia, Image.open(io.BytesIO(b)) as ib:
+            assert (ib.format, r.format) == (ia.format, src.format), name
+            assert (ib.mode, r.mode) == (ia.mode, ia.mode), name
+            assert ib.size == ia.size
+            if ia.format == "JPEG":
+                assert _jpeg_header(ia, a) == _jpeg_header(ib, b), name
+                assert r.jpeg_quality == src.jpeg_quality
+            if ia.format == "WEBP":
+                assert imageio._webp_lossless(a) == imageio._webp_lossless(b), name
+            lossy = ia.format in ("JPEG",) or (ia.format == "WEBP" and not imageio._webp_lossless(a))
+            ia.seek(0)
+            stored_a, stored_b = np.asarray(ia), np.asarray(ib)
+        prov = json.loads(r.params)
+        if not lossy:
+            requested = imageio.read_mask(params.data / r.requested_mask_blob)
+            outside = ~_dilated(requested, params.synthesize.paste_back_dilate)
+            assert np.array_equal(stored_a[outside], stored_b[outside]), name
+            assert not np.array_equal(stored_a, stored_b), name
+            if ia.mode in ("RGBA", "LA"):
+                assert np.array_equal(stored_a[..., -1], stored_b[..., -1]), "alpha changed"
+        if name == "animated.gif":  # cannot be reproduced: the row says why
+            assert any("first frame" in u for u in prov["encoding"]["unmatched"])
+        else:
+            assert "unmatched" not in prov["encoding"], (name, prov["encoding"])
+        seen.add(name)
+    assert len(seen) == 16
+
+
+def test_full_synthesis_ships_at_the_generators_size(tmp_path, corpus):
+    """Issue 10 point 7: no upscaling; the record's size is the image's and the mask is
+    built from it (shard writes all-255 masks of width x height)."""
+    params, _, inputs, forged = _run(
+        tmp_path / "gan", corpus, generators=gens(gan_synthesis=1, t2i_synthesis=1), per_source=2
+    )
+    by_key = {r.key: r for r in inputs}
+    for r in forged:
+        assert r.status == "ok" and r.label == "synthetic" and r.mask_source == "full", r.error
+        with Image.open(params.data / r.blob) as im:
+            assert im.size == (r.width, r.height)
+        src = by_key[r.parent_key]
+        if r.generator == "gan_synthesis":
+            assert (r.width, r.height) == (64, 64)
+        else:  # the stand-in's 64 px work size at the source's aspect ratio
+            assert max(r.width, r.height) == 64 and max(src.width, src.height) > 64
+            assert (r.width >= r.height) == (src.width >= src.height)
+        assert r.format == src.format  # still encoded like its source
+
+
+# --------------------------------------------------------------------------- params and plan
+
+
+def test_bad_generator_param_is_rejected_when_params_load(tmp_path, corpus):
+    """Issue 14 point 2: `params: {modle: x}` fails at load, naming the key and the allowed
+    ones, before any stage runs (also through the CLI, with exit status 2)."""
+    with pytest.raises(ParamsError) as e:
+        _params(tmp_path, corpus, generators={"inpaint": {"params": {"modle": "x"}}})
+    msg = str(e.value)
+    assert "generators.inpaint.params: unknown key 'modle'" in msg
+    assert "allowed keys:" in msg and "model" in msg and "num_inference_steps" in msg
+    for bad, word in [
+        ({"inpaint": {"params": {"strength": 2}}}, "strength 2.0; allowed: 0 < strength <= 1"),
+        ({"copy_move": {"params": {"shape": "square"}}}, "'square' is not allowed"),
+        ({"removal": {"params": {"methods": []}}}, "methods []; allowed: a non-empty list"),
+        ({"edit": {"params": {"size": "big"}}}, "size"),
+        ({"copy_move": {"weight": float("inf")}}, "weight: inf is not allowed"),
+        ({"copy_move": {"weight": float("nan")}}, "weight: nan is not allowed"),
+        ({"copy_move": {"weight": -1}}, "weight -1"),
+        ({"copy_move": {"device": "gpu"}}, "device 'gpu'"),
+    ]:
+        with pytest.raises(ParamsError, match=re.escape(word)):
+            _params(tmp_path, corpus, generators=bad)
+    with pytest.raises(ParamsError, match="max_sources"):
+        _params(tmp_path, corpus, max_sources=-1)
+    # through the CLI: rejected before ingest creates anything
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "never"), "corpus": [str(corpus)],
+        "executor": {"backend": "local"},
+        "synthesize": {"generators": {"inpaint": {"params": {"modle": "x"}}}},
+    }))
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--params", str(bad)],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 2 and "unknown key 'modle'" in out.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_generator_params_are_typed_and_shown_in_the_defaults():
+    from generators.natural.inpaint import InpaintParams
+
+    p = from_dict({"synthesize": {"generators": {"inpaint": {"params": {"prompts": ["a fox"]}}}}})
+    spec = p.synthesize.generators["inpaint"]
+    assert isinstance(spec.params, InpaintParams)
+    assert spec.params.prompts == ("a fox",) and spec.params.strength == 1.0
+    defaults = yaml.safe_load(dump_defaults())["synthesize"]["generators"]
+    assert defaults["inpaint"]["params"]["num_inference_steps"] == 2
+    assert defaults["copy_move"]["params"]["shape"] == "ellipse"
+    assert all(v["params"] for v in defaults.values())  # no `params: {}` left
+    # the defaults file round-trips to the same params
+    again = from_dict({"synthesize": {"generators": defaults}})
+    assert again.synthesize == synthesize.SynthesizeParams()
+
+
+def _sources(**domains: int) -> list[Record]:
+    return sorted(
+        (r for d, n in domains.items() for r in _fake_sources(n, d)), key=lambda r: r.key
+    )
+
+
+def test_plan_gives_every_generator_work_on_a_small_corpus():
+    """Issue 14 point 4: the embedded corpus's mix (2 documents, 9 natural, 2 faces) with
+    per_source 2 plans every generator, faces get face generators, and the plan is a pure
+    function; a generator no source can take gets none."""
+    sources = _sources(document=2, natural=9, face=2)
+    p = synthesize.SynthesizeParams()
+    for seed in range(20):
+        jobs = synthesize.plan(sources, p, seed=seed)
+        assert set(jobs) == set(registry.REGISTRY), seed
+        assert sum(len(v) for v in jobs.values()) == 2 * len(sources)
+        for name, js in jobs.items():
+            domain = registry.generator_class(name).domain
+            assert all(j["source"]["domain"] in (domain, "aigc") or domain == "aigc" for j in js)
+        per_source = Counter(j["source"]["key"] for js in jobs.values() for j in js)
+        assert set(per_source.values()) == {2}
+    assert synthesize.plan(sources, p, seed=3) == synthesize.plan(sources, p, seed=3)
+    only_natural = synthesize.plan(_sources(natural=5), p, seed=0)
+    assert not {"face_swap", "text_erase"} & set(only_natural)
+
+
+def test_zero_forgeries_and_stand_ins_are_warned_about(tmp_path, corpus, caplog):
+    """Issue 14 point 1: a run that plans nothing says why. Issue 10 point 12: stand-in
+    generators and their counts are named, with their model ids recorded."""
+    with caplog.at_level(logging.WARNING, logger="pipeline.synthesize"):
+        _, metrics, _, forged = _run(
+            tmp_path / "zero", corpus, generators=gens(copy_move=0, face_edit=0)
+        )
+    assert forged == [] and metrics["total"] == 0
+    assert "0 forgeries planned for 5 sources" in caplog.text
+    assert "weight 0" in caplog.text and "copy_move" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.synthesize"):
+        _, metrics, _, forged = _run(
+            tmp_path / "docs", corpus, generators=gens(text_erase=1, copy_move=1)
+        )
+    assert "text_erase forges document sources and the sources are face, natural" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.synthesize"):
+        _, metrics, _, forged = _run(
+            tmp_path / "stand", corpus, generators=gens(inpaint=1, copy_move=1), per_source=2
+        )
+    n = sum(r.generator == "inpaint" and r.status == "ok" for r in forged)
+    assert n == 3 and all(
+        r.model_id.startswith("tiny-random:") for r in forged if r.generator == "inpaint"
+    )
+    model_id = next(r.model_id for r in forged if r.generator == "inpaint")
+    assert metrics["stand_ins"] == {"inpaint": {model_id: 3}}
+    assert f"3 forgeries come from random-weight stand-in models (inpaint 3 ({model_id}))" in (
+        caplog.text
+    )
+
+
+def test_default_corpus_plan_forges_every_generator(tmp_path):
+    """Issue 14 point 4: on the embedded corpus (`manifests/default.yaml`) with the default
+    params, every generator is planned, and both face sources get face generators."""
+    params = from_dict({
+        "data_dir": str(tmp_path / "data"), "metrics_dir": str(tmp_path / "metrics"),
+        "corpus": [str(ROOT / "manifests" / "default.yaml")],
+        "executor": {"backend": "local", "progress": False},
+    })  # fmt: skip
+    run_stage("ingest", params, local_executor())
+    rows = read_records(params.data / "ingest" / "manifest.parquet")
+    sources = sorted((r for r in rows if synthesize.is_source(r)), key=lambda r: r.key)
+    jobs = synthesize.plan(sources, params.synthesize, params.seed)
+    assert set(jobs) == set(registry.REGISTRY)
+    faces = {r.key for r in sources if r.domain == "face"}
+    assert len(faces) == 2
+    for key in faces:
+        names = {n for n, js in jobs.items() for j in js if j["source"]["key"] == key}
+        assert len(names) == 2 and names & {"face_swap", "face_edit"}, names
+
+
+def test_donors_pair_sources_so_linked_groups_stay_small():
+    """A splice or face swap ties its source's and its donor's groups together in split;
+    donors are partners two by two, so a linked unit is at most three groups whatever the
+    corpus size and mix, and a source's donor does not depend on the generator mix."""
+    sources = _sources(natural=51)
+    heavy = synthesize.SynthesizeParams(
+        generators={"splice": synthesize.GeneratorSpec(weight=5.0),
+                    "copy_move": synthesize.GeneratorSpec()},
+        per_source=2,
+    )
+    parent = {s.key: s.key for s in sources}
+
+    def root(k):
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    donors = {}
+    for job in synthesize.plan(sources, heavy, seed=4)["splice"]:
+        donors[job["source"]["key"]] = job["donor"]["key"]
+        parent[root(job["source"]["key"])] = root(job["donor"]["key"])
+    assert len(donors) == 51  # every source spliced (weight 5 of 6, two slots)
+    units = Counter(root(k) for k in parent)
+    assert max(units.values()) <= 3 and sorted(units.values()).count(3) == 1
+    light = synthesize.SynthesizeParams(
+        generators={"splice": synthesize.GeneratorSpec(), "removal": synthesize.GeneratorSpec(),
+                    "copy_move": synthesize.GeneratorSpec()},
+        per_source=1,
+    )
+    for job in synthesize.plan(sources, light, seed=4)["splice"]:
+        assert donors[job["source"]["key"]] == job["donor"]["key"]
+
+
+@pytest.mark.slow
+def test_ray_and_local_backends_give_the_same_bytes(tmp_path, corpus):
+    """Issue 17 point 10: the diffusers generators that moved by one level between thread
+    counts (Ray workers run with one thread, a local run with all cores) give the same
+    forgeries on both backends."""
+    got = {}
+    for backend in ("local", "ray"):
+        path = tmp_path / f"{backend}.yaml"
+        path.write_text(yaml.safe_dump({
+            "data_dir": str(tmp_path / backend), "metrics_dir": str(tmp_path / f"m-{backend}"),
+            "corpus": [str(corpus)], "seed": 11,
+            "executor": {"backend": backend, "num_cpus": 2, "progress": False},
+            "synthesize": {"generators": gens(t2i_synthesis=1, regeneration=1, edit=1,
+                                              inpaint=1), "per_source": 2},
+        }))  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "pipeline", "run", "--params", str(path), "--to", "synthesize"],
+            capture_output=True, text=True, cwd=tmp_path, timeout=600,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""},
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows = read_records(tmp_path / backend / "synthesize" / "manifest.parquet")
+        got[backend] = {r.key: (r.status, r.sha256) for r in rows if r.stage == "synthesize"}
+    assert got["local"] == got["ray"]
+    assert sum(s == "ok" for s, _ in got["local"].values()) >= 8

@@ -5,6 +5,10 @@ The package ships a DCGAN trained on DigiFace1M with its weights inside the whee
 download. Its inference script imports torchvision, which this project does not install, so
 only the network definition (`gan_face_generate.models`, torch only) and the weight file are
 used here; the network is re-declared identically if that module cannot be imported.
+
+The face ships at the 64 px the network makes (`native_px`), never resampled to the
+source's size: upscaling would add interpolation traces that no GAN image in the wild has
+and that a detector would learn instead of the GAN's own.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from generators.base import Forgery, Source, check_params, require
+from generators.base import Forgery, Source, check_range, require
+from generators.diffusion import deterministic
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +32,13 @@ PACKAGE = "gan_face_generate"
 DISTRIBUTION = "gan-face-generate"
 NZ, NGF, NC, NATIVE = 100, 64, 3, 64  # the shipped checkpoint's latent size, width, channels, px
 
-INTERPOLATIONS = {
-    "lanczos": cv2.INTER_LANCZOS4,
-    "bicubic": cv2.INTER_CUBIC,
-    "bilinear": cv2.INTER_LINEAR,
-    "nearest": cv2.INTER_NEAREST,
-}
 
-DEFAULTS: dict[str, Any] = {
-    "truncation": 1.0,  # latent scale: z ~ N(0, truncation^2); < 1 trades variety for quality
-    "interpolation": "lanczos",  # how the 64 px output is brought to the source's size
-    "fit": "cover",  # cover: keep aspect, centre-crop to H x W; stretch: resize to H x W
-}
+@dataclass(frozen=True)
+class GanParams:
+    truncation: float = 1.0  # latent scale: z ~ N(0, truncation^2); < 1 trades variety for quality
+
+    def __post_init__(self) -> None:
+        check_range("truncation", self.truncation, 0, 2, lo_open=True)
 
 
 def _build_generator() -> Any:
@@ -91,20 +91,11 @@ class GanSynthesis:
     name = "gan_synthesis"
     domain = "aigc"
     operation = "full_synthesis"
-    version = "1.0"
+    version = "1.1"
+    Params = GanParams
 
-    def __init__(self, **params: Any):
-        self.params = check_params(self.name, params, DEFAULTS)
-        p = self.params
-        if p["interpolation"] not in INTERPOLATIONS:
-            raise ValueError(
-                f"gan_synthesis: interpolation {p['interpolation']!r}; "
-                f"allowed: {', '.join(INTERPOLATIONS)}"
-            )
-        if p["fit"] not in ("cover", "stretch"):
-            raise ValueError(f"gan_synthesis: fit {p['fit']!r}; allowed: cover, stretch")
-        if not 0 < float(p["truncation"]) <= 2:
-            raise ValueError(f"gan_synthesis: truncation {p['truncation']!r}; allowed: 0 < t <= 2")
+    def __init__(self, params: GanParams | None = None):
+        self.params = params or GanParams()
         self._net = None
         self._device = "cpu"
         self.model_id = f"{DISTRIBUTION}=={self._package_version()}:DCGAN-DigiFace1M-64px"
@@ -141,27 +132,16 @@ class GanSynthesis:
         # the latent comes from a CPU generator seeded with the sample seed: the same z on
         # every device
         g = torch.Generator("cpu").manual_seed(int(source.seed))
-        z = torch.randn(1, NZ, 1, 1, generator=g) * float(self.params["truncation"])
-        with torch.inference_mode():
+        z = torch.randn(1, NZ, 1, 1, generator=g) * float(self.params.truncation)
+        with deterministic(self._device):
             x = self._net(z.to(self._device)).float().cpu()[0]
         face = ((x.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
-        h, w = source.image.shape[:2]
-        image = self._resize(face, h, w)
         return Forgery(
-            image=image,
-            mask=np.ones((h, w), bool),
+            image=np.ascontiguousarray(face),
+            mask=np.ones(face.shape[:2], bool),
             local=False,
             label="synthetic",
-            params={**self.params, "latent_seed": int(source.seed), "native_px": NATIVE},
+            params={**asdict(self.params), "latent_seed": int(source.seed), "native_px": NATIVE},
             model_id=self.model_id,
             model_revision=self.model_revision,
         )
-
-    def _resize(self, face: np.ndarray, h: int, w: int) -> np.ndarray:
-        interp = INTERPOLATIONS[self.params["interpolation"]]
-        if self.params["fit"] == "stretch":
-            return cv2.resize(face, (w, h), interpolation=interp)
-        side = max(h, w)
-        big = cv2.resize(face, (side, side), interpolation=interp)
-        y0, x0 = (side - h) // 2, (side - w) // 2
-        return np.ascontiguousarray(big[y0 : y0 + h, x0 : x0 + w])

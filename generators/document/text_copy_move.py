@@ -8,15 +8,16 @@ forgers leave) or as ink only (darken blend). The record keeps where the content
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
 
-from generators.base import Forgery, SkipSample, Source, check_params
+from generators.base import Forgery, SkipSample, Source, check_nonempty, check_range
 from generators.document.text_replace import (
+    OcrParams,
     box_mask,
-    check_document_params,
     fill_background,
     find_words,
     limit_ocr_threads,
@@ -25,15 +26,16 @@ from generators.document.text_replace import (
 
 log = logging.getLogger(__name__)
 
-BLENDS = ("box", "ink")
 
-DEFAULTS: dict[str, Any] = {
-    "ocr": "auto",  # auto (tesseract when installed, else opencv) | tesseract | opencv
-    "min_conf": 60.0,  # tesseract confidence a word needs to take part
-    "min_height": 8,  # px; smaller words are left alone
-    "height_tolerance": 0.3,  # destination height within this fraction of the source's
-    "blends": list(BLENDS),  # one is drawn per sample
-}
+@dataclass(frozen=True)
+class TextCopyMoveParams(OcrParams):
+    height_tolerance: float = 0.3  # destination height within this fraction of the source's
+    blends: tuple[Literal["box", "ink"], ...] = ("box", "ink")  # one is drawn per sample
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_nonempty("blends", self.blends)
+        check_range("height_tolerance", self.height_tolerance, 0, 1, lo_open=True, hi_open=True)
 
 
 def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
@@ -47,20 +49,10 @@ class TextCopyMove:
     domain = "document"
     operation = "copy_move"
     version = "1.0"
+    Params = TextCopyMoveParams
 
-    def __init__(self, **params: Any):
-        self.params = check_params(self.name, params, DEFAULTS)
-        p = self.params
-        check_document_params(self.name, p)
-        bad = [b for b in p["blends"] if b not in BLENDS]
-        if bad or not p["blends"]:
-            raise ValueError(
-                f"text_copy_move: blends {p['blends']!r}; allowed: {', '.join(BLENDS)}"
-            )
-        if not 0 < float(p["height_tolerance"]) < 1:
-            raise ValueError(
-                f"text_copy_move: height_tolerance {p['height_tolerance']!r}; allowed: 0 < t < 1"
-            )
+    def __init__(self, params: TextCopyMoveParams | None = None):
+        self.params = params or TextCopyMoveParams()
 
     def setup(self, device: str = "cpu") -> None:
         limit_ocr_threads()
@@ -68,10 +60,10 @@ class TextCopyMove:
     def generate(self, source: Source, rng: np.random.Generator) -> Forgery:
         p = self.params
         img = source.image
-        words, engine = find_words(img, p["ocr"], p["min_conf"], p["min_height"])
+        words, engine = find_words(img, p.ocr, p.min_conf, p.min_height)
         if len(words) < 2:
             raise SkipSample(f"fewer than two words found ({engine})")
-        tol = float(p["height_tolerance"])
+        tol = float(p.height_tolerance)
         order = rng.permutation(len(words))
         for i in order:
             src = words[int(i)]
@@ -100,7 +92,7 @@ class TextCopyMove:
         ebox = pad_box(dst.box, max(1, dst.h // 8), img.shape)
         out = fill_background(img, ebox, rng)
         patch = img[sy : sy + sh, sx : sx + sw]
-        blend = str(rng.choice(p["blends"]))
+        blend = str(rng.choice(p.blends))
         region = out[py : py + sh, px : px + sw]
         if blend == "box":
             region[:] = patch
@@ -114,7 +106,7 @@ class TextCopyMove:
             image=out,
             mask=mask,
             params={
-                **p,
+                **asdict(p),
                 "ocr_used": engine,
                 "blend": blend,
                 "dest_box": list(ebox),

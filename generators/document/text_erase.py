@@ -8,14 +8,14 @@ a forger whites out a clause or an amount.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from generators.base import Forgery, SkipSample, Source, check_params
+from generators.base import Forgery, SkipSample, Source, check_range
 from generators.document.text_replace import (
+    OcrParams,
     box_mask,
-    check_document_params,
     fill_background,
     find_words,
     limit_ocr_threads,
@@ -24,12 +24,14 @@ from generators.document.text_replace import (
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "ocr": "auto",  # auto (tesseract when installed, else opencv) | tesseract | opencv
-    "min_conf": 60.0,  # tesseract confidence a word needs to be erased
-    "min_height": 8,  # px; smaller words are left alone
-    "max_words": 3,  # a run of 1..max_words consecutive words on one line is erased
-}
+
+@dataclass(frozen=True)
+class TextEraseParams(OcrParams):
+    max_words: int = 3  # a run of 1..max_words consecutive words on one line is erased
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("max_words", self.max_words, 1)
 
 
 class TextErase:
@@ -37,12 +39,10 @@ class TextErase:
     domain = "document"
     operation = "text_erase"
     version = "1.0"
+    Params = TextEraseParams
 
-    def __init__(self, **params: Any):
-        self.params = check_params(self.name, params, DEFAULTS)
-        check_document_params(self.name, self.params)
-        if int(self.params["max_words"]) < 1:
-            raise ValueError(f"text_erase: max_words {self.params['max_words']!r} must be >= 1")
+    def __init__(self, params: TextEraseParams | None = None):
+        self.params = params or TextEraseParams()
 
     def setup(self, device: str = "cpu") -> None:
         limit_ocr_threads()
@@ -50,11 +50,11 @@ class TextErase:
     def generate(self, source: Source, rng: np.random.Generator) -> Forgery:
         p = self.params
         img = source.image
-        words, engine = find_words(img, p["ocr"], p["min_conf"], p["min_height"])
+        words, engine = find_words(img, p.ocr, p.min_conf, p.min_height)
         if not words:
             raise SkipSample(f"no words found ({engine})")
         i = int(rng.integers(len(words)))
-        n = int(rng.integers(1, int(p["max_words"]) + 1))
+        n = int(rng.integers(1, p.max_words + 1))
         run = [w for w in words[i : i + n] if w.line == words[i].line]
         x0 = min(w.x for w in run)
         y0 = min(w.y for w in run)
@@ -67,7 +67,7 @@ class TextErase:
             image=out,
             mask=box_mask(box, img.shape),
             params={
-                **p,
+                **asdict(p),
                 "ocr_used": engine,
                 "box": list(box),
                 "words": len(run),

@@ -16,15 +16,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 
-from generators.base import Forgery, SkipSample, Source, check_params
+from generators.base import Forgery, SkipSample, Source, check_nonempty, check_range
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,21 @@ FONTS = (
 )
 
 # replacement vocabulary: common words of many lengths (numbers are drawn, not listed)
-VOCABULARY = ["a", "an", "as", "at", "be", "by", "do", "go", "he", "if", "in", "is", "it", "me", "my", "no", "of", "on", "or", "so", "to", "up", "us", "we", "and", "are", "but", "can", "did", "for", "had", "has", "her", "him", "his", "its", "may", "new", "not", "now", "one", "our", "out", "see", "she", "the", "two", "was", "way", "who", "you", "also", "back", "been", "body", "case", "city", "data", "does", "each", "even", "fact", "form", "from", "give", "good", "have", "here", "high", "into", "just", "know", "last", "life", "long", "made", "make", "many", "more", "most", "much", "must", "name", "next", "only", "open", "over", "part", "paid", "said", "same", "some", "such", "take", "than", "that", "them", "then", "they", "this", "time", "upon", "used", "very", "want", "well", "were", "what", "when", "will", "with", "work", "year", "about", "above", "after", "again", "below", "could", "every", "first", "found", "great", "group", "house", "large", "later", "never", "order", "other", "place", "point", "right", "small", "state", "still", "their", "there", "these", "thing", "think", "three", "total", "under", "value", "water", "where", "which", "while", "world", "would", "amount", "annual", "before", "change", "credit", "during", "figure", "number", "office", "people", "public", "result", "second", "signed", "within", "account", "between", "company", "control", "general", "payment", "private", "process", "program", "receipt", "service", "balance", "contract", "document", "national", "approved", "business", "clinical", "customer", "evidence", "material", "personal", "quantity", "question", "agreement", "committee", "available", "important", "insurance", "reference", "statement", "transfer"]
+VOCABULARY = """
+    a an as at be by do go he if in is it me my no of on or so to up us we and are but can
+    did for had has her him his its may new not now one our out see she the two was way who
+    you also back been body case city data does each even fact form from give good have here
+    high into just know last life long made make many more most much must name next only
+    open over part paid said same some such take than that them then they this time upon
+    used very want well were what when will with work year about above after again below
+    could every first found great group house large later never order other place point
+    right small state still their there these thing think three total under value water
+    where which while world would amount annual before change credit during figure number
+    office people public result second signed within account between company control general
+    payment private process program receipt service balance contract document national
+    approved business clinical customer evidence material personal quantity question
+    agreement committee available important insurance reference statement transfer
+""".split()
 
 
 @dataclass
@@ -148,7 +162,9 @@ def find_words(
 ) -> tuple[list[Word], str]:
     """Word boxes on a page and the engine that found them.
 
-    Words shorter than `min_height` px are dropped: too small to edit convincingly.
+    `auto` uses tesseract when it is installed and falls back to the OpenCV word finder when
+    tesseract finds no word (handwriting, slanted text). Words shorter than `min_height` px
+    are dropped: too small to edit convincingly.
     """
     if engine not in ENGINES:
         raise ValueError(f"ocr engine {engine!r}; allowed: {', '.join(ENGINES)}")
@@ -162,6 +178,10 @@ def find_words(
     if engine == "auto":
         used = "tesseract" if tesseract_available() else "opencv"
     words = _tesseract_words(gray, min_conf) if used == "tesseract" else _opencv_words(gray)
+    if engine == "auto" and used == "tesseract" and not words:
+        # tesseract reads printed lines; handwriting and slanted scans give it nothing, while
+        # the OpenCV word finder still finds the ink clusters
+        words, used = _opencv_words(gray), "opencv"
     H, W = gray.shape
     words = [
         wd
@@ -393,25 +413,38 @@ def replacement(text: str | None, box: tuple[int, int, int, int], rng: np.random
 
 # --------------------------------------------------------------------------- generator
 
-DEFAULTS: dict[str, Any] = {
-    "ocr": "auto",  # auto (tesseract when installed, else opencv) | tesseract | opencv
-    "min_conf": 60.0,  # tesseract confidence a word needs to be edited
-    "min_height": 8,  # px; smaller words are left alone
-    "fonts": ["DejaVuSerif.ttf", "DejaVuSans.ttf"],  # one is drawn per sample
-    "blur": 0.5,  # Gaussian sigma (px) of the rendered ink, to match scan softness
-}
+
+@dataclass(frozen=True)
+class OcrParams:
+    """How the document generators find words; each one's params extend it."""
+
+    ocr: Literal["auto", "tesseract", "opencv"] = "auto"  # auto: tesseract, else opencv
+    min_conf: float = 60.0  # tesseract confidence a word needs to take part
+    min_height: int = 8  # px; smaller words are left alone
+
+    def __post_init__(self) -> None:
+        check_range("min_height", self.min_height, 1)
+        check_range("min_conf", self.min_conf, -1, 100)
 
 
-def check_document_params(name: str, p: dict[str, Any]) -> None:
-    """Validation shared by the document generators (a ValueError naming the bad value)."""
-    if p["ocr"] not in ENGINES:
-        raise ValueError(f"{name}: ocr {p['ocr']!r}; allowed: {', '.join(ENGINES)}")
-    if "fonts" in p:
-        bad = [f for f in p["fonts"] if f not in FONTS]
-        if bad or not p["fonts"]:
-            raise ValueError(f"{name}: fonts {p['fonts']!r}; allowed: {', '.join(FONTS)}")
-    if int(p["min_height"]) < 1:
-        raise ValueError(f"{name}: min_height {p['min_height']!r} must be >= 1")
+Font = Literal[
+    "DejaVuSans.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSansMono.ttf",
+]
+
+
+@dataclass(frozen=True)
+class TextReplaceParams(OcrParams):
+    fonts: tuple[Font, ...] = ("DejaVuSerif.ttf", "DejaVuSans.ttf")  # one is drawn per sample
+    blur: float = 0.5  # Gaussian sigma (px) of the rendered ink, to match scan softness
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_nonempty("fonts", self.fonts)
+        check_range("blur", self.blur, 0, 10)
 
 
 def limit_ocr_threads() -> None:
@@ -424,10 +457,10 @@ class TextReplace:
     domain = "document"
     operation = "text_replace"
     version = "1.0"
+    Params = TextReplaceParams
 
-    def __init__(self, **params: Any):
-        self.params = check_params(self.name, params, DEFAULTS)
-        check_document_params(self.name, self.params)
+    def __init__(self, params: TextReplaceParams | None = None):
+        self.params = params or TextReplaceParams()
 
     def setup(self, device: str = "cpu") -> None:
         limit_ocr_threads()
@@ -435,24 +468,24 @@ class TextReplace:
     def generate(self, source: Source, rng: np.random.Generator) -> Forgery:
         p = self.params
         img = source.image
-        words, engine = find_words(img, p["ocr"], p["min_conf"], p["min_height"])
+        words, engine = find_words(img, p.ocr, p.min_conf, p.min_height)
         words = [w for w in words if w.text is None or any(c.isalnum() for c in w.text)]
         if not words:
             raise SkipSample(f"no editable words found ({engine})")
         word = words[int(rng.integers(len(words)))]
         new = replacement(word.text, word.box, rng)
-        font = str(rng.choice(p["fonts"]))
+        font = str(rng.choice(p.fonts))
         colour = ink_colour(img, word.box).astype(np.float32)
         ebox = pad_box(word.box, max(1, word.h // 8), img.shape)
         erased = fill_background(img, ebox, rng)
-        alpha, top, left = render_word(new, font, word.h, word.w, word.text, float(p["blur"]))
+        alpha, top, left = render_word(new, font, word.h, word.w, word.text, float(p.blur))
         # scans are heavier than a clean rasterisation: match the old word's ink coverage,
         # with the bold face when the regular one is far too light
         gain = ink_coverage(img, word.box) / max(1e-6, float(alpha.sum()) / (word.w * word.h))
         bold = font.replace(".ttf", "-Bold.ttf")
         if gain > 1.6 and bold in FONTS:
             font = bold
-            alpha, top, left = render_word(new, font, word.h, word.w, word.text, float(p["blur"]))
+            alpha, top, left = render_word(new, font, word.h, word.w, word.text, float(p.blur))
             gain = ink_coverage(img, word.box) / max(1e-6, float(alpha.sum()) / (word.w * word.h))
         alpha = np.clip(alpha * float(np.clip(gain, 1.0, 2.0)), 0.0, 1.0)
         out, ink = composite_ink(erased, alpha, colour, word.x - left, word.y - top)
@@ -461,7 +494,7 @@ class TextReplace:
             image=out,
             mask=mask,
             params={
-                **p,
+                **asdict(p),
                 "ocr_used": engine,
                 "font": font,
                 "box": list(word.box),

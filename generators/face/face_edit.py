@@ -17,92 +17,65 @@ the face box proportions otherwise.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from generators import diffusion as D
-from generators.base import Forgery, SkipSample, Source, check_params
+from generators.base import Forgery, SkipSample, Source, check_nonempty, check_range
 from generators.face.detect import detect_eyes, detect_faces
 
-PARTS = ("eyes", "mouth", "nose")
-EDITS = ("recolour", "smooth", "warp")
+Part = Literal["eyes", "mouth", "nose"]
+Edit = Literal["recolour", "smooth", "warp"]
 PART_PROMPTS: dict[str, list[str]] = {
     "eyes": ["closed eyes", "blue eyes", "sunglasses", "wide open eyes", "green eyes"],
     "mouth": ["a wide smile", "an open mouth", "red lipstick", "a moustache", "a frown"],
     "nose": ["a small nose", "a large nose", "a freckled nose", "a pierced nose"],
 }
 
-DEFAULTS: dict[str, Any] = {
-    **D.COMMON_DEFAULTS,
-    "model": None,  # null: classical OpenCV edit; else an inpainting model (or "tiny-random")
-    "pipeline": None,  # diffusion method: null is StableDiffusionInpaintPipeline
-    "parts": list(PARTS),  # parts to choose from
-    "edits": list(EDITS),  # classical edits to choose from
-    "strength": 1.0,  # diffusion inpainting strength
-    "face_context": 1.4,  # diffusion crop side / face box side
-    "min_face_frac": 0.08,  # smallest face, as a fraction of the shorter image side
-    "feather": 0.25,  # classical: blend ramp inside the mask, as a fraction of the part size
-}
+
+@dataclass(frozen=True)
+class FaceEditParams(D.DiffusionParams):
+    # model null: the classical OpenCV edit; else an inpainting model (or "tiny-random"),
+    # with pipeline null meaning StableDiffusionInpaintPipeline
+    parts: tuple[Part, ...] = ("eyes", "mouth", "nose")  # parts to choose from
+    edits: tuple[Edit, ...] = ("recolour", "smooth", "warp")  # classical edits to choose from
+    strength: float = 1.0  # diffusion inpainting strength
+    face_context: float = 1.4  # diffusion crop side / face box side
+    min_face_frac: float = 0.08  # smallest face, as a fraction of the shorter image side
+    feather: float = 0.25  # classical: blend ramp inside the mask, as a fraction of the part size
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_nonempty("parts", self.parts)
+        check_nonempty("edits", self.edits)
+        check_range("min_face_frac", self.min_face_frac, 0, 1, lo_open=True, hi_open=True)
+        check_range("feather", self.feather, 0, 1)
+        check_range("face_context", self.face_context, 1)
+        check_range("strength", self.strength, 0, 1, lo_open=True)
 
 
-class FaceEdit:
+class FaceEdit(D.DiffusionGenerator):
     name = "face_edit"
     domain = "face"
     operation = "face_edit"
     version = "1.1"
-    task = "inpaint"
+    Params = FaceEditParams
 
-    def __init__(self, **params: Any):
-        self.params = check_params(self.name, params, DEFAULTS)
-        p = self.params
-        D.validate_common(self.name, p)
-        for key, allowed in (("parts", PARTS), ("edits", EDITS)):
-            bad = [v for v in p[key] if v not in allowed] if isinstance(p[key], list) else [p[key]]
-            if bad or not p[key]:
-                raise ValueError(
-                    f"face_edit: {key} {p[key]!r}; allowed: a non-empty list of "
-                    f"{', '.join(allowed)}"
-                )
-        if not 0 < p["min_face_frac"] < 1:
-            raise ValueError(f"face_edit: min_face_frac {p['min_face_frac']!r}; allowed: 0 < x < 1")
-        if not 0 <= p["feather"] <= 1:
-            raise ValueError(f"face_edit: feather {p['feather']!r}; allowed: 0..1")
-        if p["face_context"] < 1:
-            raise ValueError(f"face_edit: face_context {p['face_context']!r}; allowed: >= 1")
-        if not 0 < p["strength"] <= 1:
-            raise ValueError(f"face_edit: strength {p['strength']!r}; allowed: 0 < strength <= 1")
-        self.method = "classical" if p["model"] is None else "diffusion"
-        self._loaded: D.Loaded | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"params": self.params, "method": self.method, "_loaded": None}
-
-    def resources(self, device: str) -> dict[str, float]:
-        if self.method == "classical":
-            return {"cpus": 1, "gpus": 0}
-        return D.resources(device)
-
-    def setup(self, device: str = "cpu") -> None:
-        if self.method == "diffusion" and (
-            self._loaded is None or self._loaded.device != str(device)
-        ):
-            self._loaded = D.load_pipeline(self.task, self.params, device)
-
-    def generate(self, source: Source, rng: np.random.Generator) -> Forgery:
-        return self.generate_batch([source], [rng])[0]
+    def __init__(self, params: FaceEditParams | None = None):
+        self.params = params or FaceEditParams()
+        self.method = "classical" if self.params.model is None else "diffusion"
+        self.diffusion = D.Diffusion("inpaint", self.params) if self.method == "diffusion" else None
 
     def generate_batch(
         self, sources: list[Source], rngs: list[np.random.Generator]
     ) -> list[Forgery]:
-        """Diffusion: one pipeline call per work size. Raises SkipSample (with `.key`) when a
-        source has no face, before any model call, so the stage can retry one by one."""
-        if len(sources) != len(rngs):
-            raise ValueError(f"face_edit: {len(sources)} sources but {len(rngs)} rngs")
-        plans = [self._plan(s, r) for s, r in zip(sources, rngs)]
-        if self.method == "classical":
+        """Diffusion: one pipeline call per work size. Raises SkipSample when a source has no
+        face, before any model call, so the stage can retry one by one."""
+        plans = [self._plan(s, r) for s, r in zip(sources, rngs, strict=True)]
+        if self.diffusion is None:
             return [self._classical(s, pl, r) for s, pl, r in zip(sources, plans, rngs)]
         return self._diffusion(sources, plans)
 
@@ -110,13 +83,11 @@ class FaceEdit:
 
     def _plan(self, source: Source, rng: np.random.Generator) -> dict[str, Any]:
         p = self.params
-        faces = detect_faces(source.image, p["min_face_frac"])
+        faces = detect_faces(source.image, p.min_face_frac)
         if not faces:
-            e = SkipSample(f"face_edit: no face found in {source.key}")
-            e.key = source.key  # type: ignore[attr-defined]
-            raise e
+            raise SkipSample(f"face_edit: no face found in {source.key}")
         box = faces[0]
-        part = p["parts"][int(rng.integers(0, len(p["parts"])))]
+        part = p.parts[int(rng.integers(0, len(p.parts)))]
         ellipses = self._part_ellipses(source.image, box, part)
         h, w = source.image.shape[:2]
         mask = np.zeros((h, w), np.uint8)
@@ -132,9 +103,7 @@ class FaceEdit:
                 -1,
             )
         if not mask.any():
-            e = SkipSample(f"face_edit: the {part} region of {source.key} lies outside the image")
-            e.key = source.key  # type: ignore[attr-defined]
-            raise e
+            raise SkipSample(f"face_edit: the {part} region of {source.key} lies outside the image")
         return {"box": box, "part": part, "ellipses": ellipses, "mask": mask > 0}
 
     def _part_ellipses(
@@ -165,7 +134,7 @@ class FaceEdit:
     def _classical(self, source: Source, plan: dict[str, Any], rng: np.random.Generator) -> Forgery:
         p = self.params
         img, mask = source.image, plan["mask"]
-        edit = p["edits"][int(rng.integers(0, len(p["edits"])))]
+        edit = p.edits[int(rng.integers(0, len(p.edits)))]
         ys, xs = np.nonzero(mask)
         pad = 4
         y0, y1 = max(0, ys.min() - pad), min(img.shape[0], ys.max() + 1 + pad)
@@ -192,9 +161,9 @@ class FaceEdit:
             edited = self._warp(roi, plan["ellipses"], (x0, y0), k)
             info = {"bulge": round(k, 4)}  # > 0 enlarges the part, < 0 shrinks it
         alpha = m.astype(np.float32)
-        if edit != "warp" and p["feather"] > 0:
+        if edit != "warp" and p.feather > 0:
             # a ramp inside the mask only: zero outside keeps those pixels bit-identical
-            r = max(1, int(p["feather"] * size / 2))
+            r = max(1, int(p.feather * size / 2))
             inner = cv2.distanceTransform(m.astype(np.uint8), cv2.DIST_L2, 5)
             alpha = np.clip(inner / r, 0, 1) * m
         a = alpha[..., None]
@@ -204,11 +173,9 @@ class FaceEdit:
         changed = np.zeros(mask.shape, bool)
         changed[y0:y1, x0:x1] = (out[y0:y1, x0:x1] != roi).any(axis=2)
         if not changed.any():
-            e = SkipSample(
+            raise SkipSample(
                 f"face_edit: {edit} of the {plan['part']} changed nothing in {source.key}"
             )
-            e.key = source.key  # type: ignore[attr-defined]
-            raise e
         return Forgery(
             image=out,
             mask=mask,
@@ -219,7 +186,7 @@ class FaceEdit:
                 "part": plan["part"],
                 "edit": edit,
                 "face_box": list(plan["box"]),
-                "feather": p["feather"],
+                "feather": p.feather,
                 **info,
             },
         )
@@ -246,13 +213,11 @@ class FaceEdit:
     # -- diffusion ----------------------------------------------------------------------------
 
     def _diffusion(self, sources: list[Source], plans: list[dict[str, Any]]) -> list[Forgery]:
-        if self._loaded is None:
-            self.setup("cpu")
         p = self.params
         for src, pl in zip(sources, plans):
             x, y, w, h = pl["box"]
             H, W = src.image.shape[:2]
-            side = int(min(max(w, h) * p["face_context"], min(H, W)))
+            side = int(min(max(w, h) * p.face_context, min(H, W)))
             ys, xs = np.nonzero(pl["mask"])
             side = max(side, int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1))
             side = min(side, min(H, W))
@@ -262,61 +227,31 @@ class FaceEdit:
             wx = int(np.clip(round(cx - side / 2), 0, W - side))
             wy = int(np.clip(round(cy - side / 2), 0, H - side))
             pl["window"] = (wx, wy, side)
-            pl["work"] = D.work_size(side, side, p["size"])
             prompts = PART_PROMPTS[pl["part"]]
             # the prompt is drawn from the seed, so the plan's rng draws stay those of classical
             pl["prompt"] = prompts[int(np.random.default_rng(src.seed).integers(0, len(prompts)))]
-        results: list[np.ndarray | None] = [None] * len(sources)
-        for wh in dict.fromkeys(pl["work"] for pl in plans):
-            idx = [i for i, pl in enumerate(plans) if pl["work"] == wh]
-            images, masks = [], []
-            for i in idx:
-                wx, wy, side = plans[i]["window"]
-                crop = sources[i].image[wy : wy + side, wx : wx + side]
-                mcrop = plans[i]["mask"][wy : wy + side, wx : wx + side].astype(np.uint8) * 255
-                images.append(Image.fromarray(D.resize(crop, *wh)))
-                masks.append(Image.fromarray(((D.resize(mcrop, *wh) > 0) * 255).astype(np.uint8)))
-            outs = D.call_pipeline(
-                self._loaded,
-                [sources[i].seed for i in idx],
-                prompt=[plans[i]["prompt"] for i in idx],
-                image=images,
-                mask_image=masks,
-                height=wh[0],
-                width=wh[1],
-                strength=p["strength"],
-                num_inference_steps=p["num_inference_steps"],
-                guidance_scale=p["guidance_scale"],
+        edited = self.diffusion.inpaint_windows(
+            [s.image for s in sources],
+            [s.seed for s in sources],
+            [pl["window"] for pl in plans],
+            [pl["mask"] for pl in plans],
+            [pl["prompt"] for pl in plans],
+            strength=p.strength,
+        )
+        return [
+            self.diffusion.forgery(
+                image=image,
+                mask=pl["mask"],
+                params={
+                    "method": "diffusion",
+                    "part": pl["part"],
+                    "prompt": pl["prompt"],
+                    "face_box": list(pl["box"]),
+                    "window": list(pl["window"]),
+                    "work_size": list(work),
+                    "strength": p.strength,
+                    **self.diffusion.provenance(),
+                },
             )
-            for i, out in zip(idx, outs):
-                results[i] = out
-        forgeries = []
-        for src, pl, out in zip(sources, plans, results):
-            wx, wy, side = pl["window"]
-            image = src.image.copy()
-            image[wy : wy + side, wx : wx + side] = D.resize(out, side, side)
-            forgeries.append(
-                Forgery(
-                    image=image,
-                    mask=pl["mask"],
-                    local=True,
-                    label="tampered",
-                    params={
-                        "method": "diffusion",
-                        "part": pl["part"],
-                        "prompt": pl["prompt"],
-                        "face_box": list(pl["box"]),
-                        "window": list(pl["window"]),
-                        "work_size": list(pl["work"]),
-                        "steps": p["num_inference_steps"],
-                        "guidance": p["guidance_scale"],
-                        "strength": p["strength"],
-                        "pipeline": self._loaded.pipeline_class,
-                        "dtype": self._loaded.dtype,
-                        "device": self._loaded.device,
-                    },
-                    model_id=self._loaded.model_id,
-                    model_revision=self._loaded.model_revision,
-                )
-            )
-        return forgeries
+            for (image, work), pl in zip(edited, plans)
+        ]

@@ -10,28 +10,35 @@ an elliptical face mask (Poisson or feathered alpha). The mask is the blended re
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
 
-from generators.base import Forgery, SkipSample, Source, check_params
+from generators.base import Forgery, SkipSample, Source, check_nonempty, check_range
 from generators.face.detect import detect_eyes, detect_faces
 from generators.natural.splice import blend
 
 log = logging.getLogger(__name__)
 
-BLENDS = ("poisson", "feather")
-ALIGNS = ("auto", "eyes", "box")
 
-DEFAULTS: dict[str, Any] = {
-    "blends": list(BLENDS),  # one is drawn per sample
-    "align": "auto",  # auto: eyes when found in both faces, else the face boxes | eyes | box
-    "colour_match": True,  # match the donor face's LAB mean/std to the target face
-    "mask_scale": 1.0,  # scales the elliptical face mask around its centre
-    "feather": 0.08,  # alpha ramp width as a fraction of the face width (feather blend)
-    "min_face_frac": 0.08,  # smallest face, as a fraction of the shorter image side
-}
+@dataclass(frozen=True)
+class FaceSwapParams:
+    blends: tuple[Literal["poisson", "feather"], ...] = ("poisson", "feather")  # one per sample
+    align: Literal["auto", "eyes", "box"] = (
+        "auto"  # auto: eyes when found in both faces, else boxes
+    )
+    colour_match: bool = True  # match the donor face's LAB mean/std to the target face
+    mask_scale: float = 1.0  # scales the elliptical face mask around its centre
+    feather: float = 0.08  # alpha ramp width as a fraction of the face width (feather blend)
+    min_face_frac: float = 0.08  # smallest face, as a fraction of the shorter image side
+
+    def __post_init__(self) -> None:
+        check_nonempty("blends", self.blends)
+        check_range("mask_scale", self.mask_scale, 0.5, 1.5)
+        check_range("min_face_frac", self.min_face_frac, 0, 1, lo_open=True, hi_open=True)
+        check_range("feather", self.feather, 0, 1)
 
 
 def _similarity_from_eyes(d: list[tuple[int, int]], s: list[tuple[int, int]]) -> np.ndarray:
@@ -80,19 +87,10 @@ class FaceSwap:
     operation = "face_swap"
     version = "1.1"
     needs_donor = True
+    Params = FaceSwapParams
 
-    def __init__(self, **params: Any):
-        self.params = check_params(self.name, params, DEFAULTS)
-        p = self.params
-        bad = [b for b in p["blends"] if b not in BLENDS]
-        if bad or not p["blends"]:
-            raise ValueError(f"face_swap: blends {p['blends']!r}; allowed: {', '.join(BLENDS)}")
-        if p["align"] not in ALIGNS:
-            raise ValueError(f"face_swap: align {p['align']!r}; allowed: {', '.join(ALIGNS)}")
-        if not 0.5 <= float(p["mask_scale"]) <= 1.5:
-            raise ValueError(f"face_swap: mask_scale {p['mask_scale']!r}; allowed: 0.5..1.5")
-        if not 0 < float(p["min_face_frac"]) < 1:
-            raise ValueError(f"face_swap: min_face_frac {p['min_face_frac']!r}; allowed: 0 < f < 1")
+    def __init__(self, params: FaceSwapParams | None = None):
+        self.params = params or FaceSwapParams()
 
     def setup(self, device: str = "cpu") -> None:
         pass
@@ -102,15 +100,15 @@ class FaceSwap:
         if source.donor is None:
             raise SkipSample("face_swap needs a donor face image and none was given")
         img, donor = source.image, source.donor.image
-        sfaces = detect_faces(img, p["min_face_frac"])
+        sfaces = detect_faces(img, p.min_face_frac)
         if not sfaces:
             raise SkipSample("no face found in the source")
-        dfaces = detect_faces(donor, p["min_face_frac"])
+        dfaces = detect_faces(donor, p.min_face_frac)
         if not dfaces:
             raise SkipSample(f"no face found in the donor {source.donor.key}")
         sbox, dbox = sfaces[0], dfaces[0]
         m, align = None, "box"
-        if p["align"] in ("auto", "eyes"):
+        if p.align in ("auto", "eyes"):
             seyes, deyes = detect_eyes(img, sbox), detect_eyes(donor, dbox)
             if len(seyes) == 2 and len(deyes) == 2:
                 m = _similarity_from_eyes(deyes, seyes)
@@ -121,7 +119,7 @@ class FaceSwap:
                     align = "eyes"
                 else:
                     m = None
-            if m is None and p["align"] == "eyes":
+            if m is None and p.align == "eyes":
                 raise SkipSample("eyes not found in both faces (align=eyes)")
         if m is None:
             m = _similarity_from_boxes(dbox, sbox)
@@ -132,20 +130,20 @@ class FaceSwap:
         valid = cv2.warpAffine(
             np.ones(donor.shape[:2], np.uint8), m, (w, h), flags=cv2.INTER_NEAREST
         )
-        mask = face_ellipse(img.shape, sbox, float(p["mask_scale"])) & (valid > 0)
+        mask = face_ellipse(img.shape, sbox, float(p.mask_scale)) & (valid > 0)
         mask[:2] = mask[-2:] = False  # Poisson cloning ignores the frame
         mask[:, :2] = mask[:, -2:] = False
         if mask.sum() < 64:
             raise SkipSample("face region too small after alignment")
-        if p["colour_match"]:
+        if p.colour_match:
             warped = match_colour_lab(warped, img, mask)
-        how = str(rng.choice(p["blends"]))
-        out = blend(img, warped, mask, how, float(p["feather"]) * sbox[2])
+        how = str(rng.choice(p.blends))
+        out = blend(img, warped, mask, how, float(p.feather) * sbox[2])
         return Forgery(
             image=out,
             mask=mask,
             params={
-                **p,
+                **asdict(p),
                 "blend": how,
                 "align_used": align,
                 "face_box": list(sbox),

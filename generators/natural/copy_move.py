@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
 
-from generators.base import Forgery, Source, check_params
+from generators.base import Forgery, Source, check_range
 
-DEFAULTS: dict[str, Any] = {
-    "min_frac": 0.03,  # pasted region area as a fraction of the image, lower bound
-    "max_frac": 0.12,  # and upper bound
-    "max_rotation": 30.0,  # degrees
-    "scale_range": [0.8, 1.25],
-    "shape": "ellipse",  # ellipse | polygon: object-like, never a plain rectangle
-    "feather": 0,  # blend width in px; 0 pastes hard edges
-}
+
+@dataclass(frozen=True)
+class CopyMoveParams:
+    min_frac: float = 0.03  # pasted region area as a fraction of the image, lower bound
+    max_frac: float = 0.12  # and upper bound
+    max_rotation: float = 30.0  # degrees
+    scale_range: tuple[float, float] = (0.8, 1.25)
+    shape: Literal["ellipse", "polygon"] = "ellipse"  # object-like, never a plain rectangle
+    feather: int = 0  # blend width in px; 0 pastes hard edges
+
+    def __post_init__(self) -> None:
+        check_range("min_frac", self.min_frac, 0, 0.5, lo_open=True)
+        check_range("max_frac", self.max_frac, self.min_frac, 0.5)
+        check_range("max_rotation", self.max_rotation, 0, 180)
+        if len(self.scale_range) != 2:
+            raise ValueError(f"scale_range {list(self.scale_range)!r}; allowed: [low, high]")
+        check_range("scale_range[0]", self.scale_range[0], 0.1, 4)
+        check_range("scale_range[1]", self.scale_range[1], self.scale_range[0], 4)
+        check_range("feather", self.feather, 0)
 
 
 class CopyMove:
@@ -24,13 +36,10 @@ class CopyMove:
     domain = "natural"
     operation = "copy_move"
     version = "1.1"
+    Params = CopyMoveParams
 
-    def __init__(self, **params: Any):
-        self.params = check_params(self.name, params, DEFAULTS)
-        if self.params["shape"] not in ("ellipse", "polygon"):
-            raise ValueError(
-                f"copy_move: shape {self.params['shape']!r}; allowed: ellipse, polygon"
-            )
+    def __init__(self, params: CopyMoveParams | None = None):
+        self.params = params or CopyMoveParams()
 
     def setup(self, device: str = "cpu") -> None:
         pass
@@ -39,13 +48,13 @@ class CopyMove:
         img = source.image
         h, w = img.shape[:2]
         p = self.params
-        frac = rng.uniform(p["min_frac"], p["max_frac"])
+        frac = rng.uniform(p.min_frac, p.max_frac)
         rh = max(4, int(np.sqrt(frac * h * w) * rng.uniform(0.7, 1.3)))
         rw = max(4, int(frac * h * w / rh))
         rh, rw = min(rh, h // 2 or 1), min(rw, w // 2 or 1)
         # region shape inside a rw x rh box
         shape = np.zeros((rh, rw), np.uint8)
-        if p["shape"] == "ellipse":
+        if p.shape == "ellipse":
             cv2.ellipse(
                 shape,
                 (rw // 2, rh // 2),
@@ -71,8 +80,8 @@ class CopyMove:
         sx = int(rng.integers(0, max(1, w - rw)))
         sy = int(rng.integers(0, max(1, h - rh)))
         patch = img[sy : sy + rh, sx : sx + rw]
-        angle = float(rng.uniform(-p["max_rotation"], p["max_rotation"]))
-        scale = float(rng.uniform(*p["scale_range"]))
+        angle = float(rng.uniform(-p.max_rotation, p.max_rotation))
+        scale = float(rng.uniform(*p.scale_range))
         if angle == 0.0 and scale == 1.0:
             # a pure translation is an exact copy: no resampling (a warp would shift the patch
             # by half a pixel and blur it)
@@ -97,8 +106,8 @@ class CopyMove:
                 break
         out = img.copy()
         region = out[dy : dy + oh, dx : dx + ow]
-        if p["feather"] > 0:
-            k = int(p["feather"]) * 2 + 1
+        if p.feather > 0:
+            k = int(p.feather) * 2 + 1
             alpha = cv2.GaussianBlur(shape_t.astype(np.float32), (k, k), 0)[..., None]
             region[:] = (alpha * patch_t + (1 - alpha) * region).round().astype(np.uint8)
             placed = alpha[..., 0] > 0.5 / 255
@@ -110,6 +119,6 @@ class CopyMove:
         return Forgery(
             image=out,
             mask=mask,
-            params={**p, "angle": angle, "scale": scale, "dest_xy": [dx, dy]},
+            params={**asdict(p), "angle": angle, "scale": scale, "dest_xy": [dx, dy]},
             source_region=[sx, sy, rw, rh],
         )

@@ -9,13 +9,14 @@ along blending artifacts. `object_mask` is also used by `removal`.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
 from scipy import ndimage
 
-from generators.base import Forgery, SkipSample, Source, check_params
+from generators.base import Forgery, SkipSample, Source, check_nonempty, check_range
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +24,22 @@ BLENDS = ("poisson", "poisson_mixed", "feather", "hard")
 SEGMENTATIONS = ("segments", "grabcut")
 WORK_SIDE = 256  # segmentation runs at this longest side; masks are scaled back up
 
-DEFAULTS: dict[str, Any] = {
-    "min_frac": 0.03,  # pasted area as a fraction of the target image, lower bound
-    "max_frac": 0.15,  # and upper bound
-    "blends": list(BLENDS),  # one is drawn per sample
-    "segmentation": "segments",  # segments (Felzenszwalb, grown) | grabcut
-    "feather": 6,  # px of the inward alpha ramp for the feather blend
-}
+Blend = Literal["poisson", "poisson_mixed", "feather", "hard"]
+
+
+@dataclass(frozen=True)
+class SpliceParams:
+    min_frac: float = 0.03  # pasted area as a fraction of the target image, lower bound
+    max_frac: float = 0.15  # and upper bound
+    blends: tuple[Blend, ...] = BLENDS  # one is drawn per sample
+    segmentation: Literal["segments", "grabcut"] = "segments"  # Felzenszwalb segments, grown
+    feather: float = 6.0  # px of the inward alpha ramp for the feather blend
+
+    def __post_init__(self) -> None:
+        check_nonempty("blends", self.blends)
+        check_range("min_frac", self.min_frac, 0, 0.6, lo_open=True, hi_open=True)
+        check_range("max_frac", self.max_frac, self.min_frac, 0.6, hi_open=True)
+        check_range("feather", self.feather, 0)
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -210,22 +220,10 @@ class Splice:
     operation = "splice"
     version = "1.0"
     needs_donor = True
+    Params = SpliceParams
 
-    def __init__(self, **params: Any):
-        self.params = check_params(self.name, params, DEFAULTS)
-        p = self.params
-        bad = [b for b in p["blends"] if b not in BLENDS]
-        if bad or not p["blends"]:
-            raise ValueError(f"splice: blends {p['blends']!r}; allowed: {', '.join(BLENDS)}")
-        if p["segmentation"] not in SEGMENTATIONS:
-            raise ValueError(
-                f"splice: segmentation {p['segmentation']!r}; allowed: {', '.join(SEGMENTATIONS)}"
-            )
-        if not 0 < p["min_frac"] <= p["max_frac"] < 0.6:
-            raise ValueError(
-                f"splice: need 0 < min_frac <= max_frac < 0.6, got "
-                f"{p['min_frac']!r}, {p['max_frac']!r}"
-            )
+    def __init__(self, params: SpliceParams | None = None):
+        self.params = params or SpliceParams()
 
     def setup(self, device: str = "cpu") -> None:
         pass
@@ -240,11 +238,11 @@ class Splice:
         if min(h, w) < 16:
             raise SkipSample(f"image too small for a splice: {w}x{h}")
         # the object is cut at a donor-relative size, then scaled to the drawn target size
-        dmask, how = object_mask(donor.image, rng, 0.02, 0.25, p["segmentation"])
+        dmask, how = object_mask(donor.image, rng, 0.02, 0.25, p.segmentation)
         bx, by, bw, bh = cv2.boundingRect(dmask.astype(np.uint8))
         patch = donor.image[by : by + bh, bx : bx + bw]
         pmask = dmask[by : by + bh, bx : bx + bw]
-        target = rng.uniform(p["min_frac"], p["max_frac"]) * h * w
+        target = rng.uniform(p.min_frac, p.max_frac) * h * w
         s = np.sqrt(target / max(1, pmask.sum()))
         s = min(s, 0.8 * (w - 4) / bw, 0.8 * (h - 4) / bh)
         pw, ph = max(4, round(bw * s)), max(4, round(bh * s))
@@ -262,13 +260,13 @@ class Splice:
         content[dy : dy + ph, dx : dx + pw] = patch
         mask = np.zeros((h, w), bool)
         mask[dy : dy + ph, dx : dx + pw] = pmask
-        blend_how = str(rng.choice(p["blends"]))
-        out = blend(img, content, mask, blend_how, p["feather"])
+        blend_how = str(rng.choice(p.blends))
+        out = blend(img, content, mask, blend_how, p.feather)
         return Forgery(
             image=out,
             mask=mask,
             params={
-                **p,
+                **asdict(p),
                 "blend": blend_how,
                 "segmentation_used": how,
                 "donor_key": donor.key,
