@@ -23,6 +23,7 @@ STAGE_HELP = {
     "split": "assign train/val/test/test_ood by duplicate group",
     "shard": "write WebDataset shards per split and data/manifest.parquet",
     "export": "balanced exports, data fractions, dataset cards, IMDL-BenCo JSON",
+    "train": "fine-tune DeFakerOne (InternVL + SAM2) on an export; model to data/train/model",
 }
 
 
@@ -35,6 +36,8 @@ def stage_io(stage: str, params: Params) -> tuple[dict[str, Any], Path]:
         return {"manifest": data / "split" / "manifest.parquet"}, data / "shards"
     if stage == "export":
         return {"manifest": data / "manifest.parquet", "shards": data / "shards"}, data / "exports"
+    if stage == "train":
+        return {"exports": data / "exports"}, data / "train"
     prev = STAGES[STAGES.index(stage) - 1]
     return {"manifest": data / prev / "manifest.parquet"}, data / stage
 
@@ -73,6 +76,9 @@ def summary(stage: str, m: dict[str, Any]) -> str:
         parts.append(", ".join(f"{k}={v}" for k, v in sorted(status.items(), key=lambda kv: -kv[1])))
     if "shipped" in m:
         parts.append(f"shipped={m['shipped']}")
+    if stage == "train":
+        parts = [f"{m.get('steps')} steps", f"{m.get('samples')} samples", f"loss {m.get('loss')}",
+                 f"val pixel F1 {m.get('val_pixel_f1')}", f"val accuracy {m.get('val_image_accuracy')}"]
     return f"[{stage}] {'; '.join(parts)} in {m['seconds']:.1f}s"
 
 
@@ -97,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--from", dest="start", choices=STAGES, default=STAGES[0], help="first stage")
     r.add_argument("--to", dest="stop", choices=STAGES, default=STAGES[-1], help="last stage")
     sub.add_parser("inspect", help="write a PNG of a sample with its mask (see inspect --help)", add_help=False)
+    sub.add_parser("predict", help="masks and scores of images with a trained model (see predict --help)",
+                   add_help=False)
     d = sub.add_parser("defaults", help="print the default params as YAML", description="Print the default params.")
     d.add_argument("--out", help="write to this file instead of stdout")
     return parser
@@ -108,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline import inspect
 
         return inspect.main(argv[1:])
+    if argv and argv[0] == "predict":
+        from pipeline import predict
+
+        return predict.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -142,4 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0

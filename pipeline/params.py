@@ -26,10 +26,12 @@ SECTIONS: dict[str, str] = {
     "split": "pipeline.split:SplitParams",
     "shard": "pipeline.shard:ShardParams",
     "export": "pipeline.export:ExportParams",
+    "train": "pipeline.train:TrainParams",
 }
 
 # stage order for `python -m pipeline run`
-STAGES: tuple[str, ...] = ("ingest", "dedup", "synthesize", "masks", "split", "shard", "export")
+STAGES: tuple[str, ...] = ("ingest", "dedup", "synthesize", "masks", "split", "shard", "export",
+                           "train")
 
 
 class ParamsError(ValueError):
