@@ -478,8 +478,13 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     fp = fingerprint(p, params.seed, manifest_sha)
     out = Path(out).resolve()
     ckroot = out / "checkpoints"
-    if not p.resume and ckroot.exists():
-        shutil.rmtree(ckroot)
+    if ckroot.exists():  # checkpoints of other runs cannot be resumed: start clean
+        stale = [d for d in ckroot.iterdir() if not p.resume or d.name.startswith(".")
+                 or not (d / "state.json").exists()
+                 or json.loads((d / "state.json").read_text()).get("fingerprint") != fp]
+        for d in stale:
+            log.info("removing checkpoint %s (another run)", d.name)
+            shutil.rmtree(d, ignore_errors=True)
     config = {
         "params": params.to_dict(),
         "base_dir": str(Path(params.base_dir).resolve()),
