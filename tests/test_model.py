@@ -14,8 +14,18 @@ from PIL import Image
 from skimage import data as skdata
 
 from pipeline import predict
-from pipeline.model import (ANSWERS, SEG_TOKEN, DeFakerOne, ModelSpec, build_model, load_model,
-                            parameter_counts, save_model, tiny_configs, tiny_tokenizer)
+from pipeline.model import (
+    ANSWERS,
+    SEG_TOKEN,
+    DeFakerOne,
+    ModelSpec,
+    build_model,
+    load_model,
+    parameter_counts,
+    save_model,
+    tiny_configs,
+    tiny_tokenizer,
+)
 from pipeline.train import pixel_f1
 
 S = 128
@@ -94,9 +104,9 @@ def _tiny_checkpoints(root, crop: int = S):
 
 
 def _real_spec(root, **kw) -> ModelSpec:
-    args = dict(preset="defakerone-2b", vlm=str(root / "internvl"), sam=str(root / "sam2"),
-                crop=S, dtype="bfloat16", lora=True, lora_r=4, lora_alpha=8,
-                train_vision=False, train_sam_encoder=False)
+    args = {"preset": "defakerone-2b", "vlm": str(root / "internvl"), "sam": str(root / "sam2"),
+            "crop": S, "dtype": "bfloat16", "lora": True, "lora_r": 4, "lora_alpha": 8,
+            "train_vision": False, "train_sam_encoder": False}
     return ModelSpec(**{**args, **kw})
 
 
