@@ -284,6 +284,38 @@ def _schedule(warmup: int, total: int):
     return f
 
 
+def make_loader(shards, cfg, p: TrainParams, *, rank: int = 0, world: int = 1, seed: int = 0,
+                skip_batches: int = 0, pin_memory: bool = False):
+    """The DataLoader of one training process: `p.loader_workers` processes stream, decode
+    and crop this rank's part of the shards; batches of `p.batch_size`."""
+    from torch.utils.data import DataLoader
+
+    from pipeline.train_data import CropStream
+
+    stream = CropStream(shards, cfg, rank=rank, world=world, seed=seed,
+                        shuffle_buffer=p.shuffle_buffer, skip_batches=skip_batches,
+                        batch_size=p.batch_size)
+    stream.check_slots(p.loader_workers)
+    return DataLoader(stream, batch_size=p.batch_size, num_workers=p.loader_workers,
+                      collate_fn=_collate, persistent_workers=p.loader_workers > 0,
+                      prefetch_factor=4 if p.loader_workers else None, pin_memory=pin_memory)
+
+
+def train_step(model, opt, sched, batch: dict[str, Any], device, grad_clip: float, trainable):
+    """One optimisation step on a collated batch; returns the model's Output."""
+    import torch
+
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "key"}
+    out = model(batch)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    opt.step()
+    sched.step()
+    return out
+
+
 class _Interrupt:
     """SIGTERM raises KeyboardInterrupt (main thread only), so both leave a checkpoint."""
 
@@ -305,12 +337,11 @@ class _Interrupt:
 def train_job(ctx: JobContext, config: dict[str, Any]) -> dict[str, Any] | None:
     """Body of each training process; returns the run's summary on rank 0."""
     import torch
-    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from pipeline import params as params_mod
     from pipeline.model import build_model, parameter_counts, preset, save_model, unwrap
-    from pipeline.train_data import CropConfig, CropStream, list_shards
+    from pipeline.train_data import CropConfig, list_shards
 
     params = params_mod.from_dict(config["params"], base_dir=config["base_dir"])
     p: TrainParams = params.train
@@ -350,14 +381,8 @@ def train_job(ctx: JobContext, config: dict[str, Any]) -> dict[str, Any] | None:
     val_shards = list_shards(export / "val") if (export / "val").is_dir() else []
     cfg = CropConfig(crop=spec.crop, vlm_size=core.vlm_size, global_view=spec.global_view,
                      focus_prob=p.focus_prob, fake_min_pixels=p.fake_min_pixels)
-    stream = CropStream(shards, cfg, rank=ctx.rank, world=ctx.world_size, seed=params.seed,
-                        shuffle_buffer=p.shuffle_buffer, skip_batches=state["step"],
-                        batch_size=p.batch_size)
-    stream.check_slots(p.loader_workers)
-    loader = DataLoader(stream, batch_size=p.batch_size, num_workers=p.loader_workers,
-                        collate_fn=_collate, persistent_workers=p.loader_workers > 0,
-                        prefetch_factor=4 if p.loader_workers else None,
-                        pin_memory=device.type == "cuda")
+    loader = make_loader(shards, cfg, p, rank=ctx.rank, world=ctx.world_size, seed=params.seed,
+                         skip_batches=state["step"], pin_memory=device.type == "cuda")
     n_train = sum(s.count for s in shards)
 
     def checkpoint() -> None:
@@ -378,34 +403,27 @@ def train_job(ctx: JobContext, config: dict[str, Any]) -> dict[str, Any] | None:
     t_start = time.perf_counter()
     wall0 = state["wall_s"]
     model.train()
+    trainable = core.trainable_parameters()
     it = iter(loader)
     try:
         with _Interrupt():
             while state["step"] < p.steps:
                 batch = next(it)
                 epoch = batch.pop("epoch")
-                batch.pop("key")
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                out = model(batch)
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                if p.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(core.trainable_parameters(), p.grad_clip)
-                opt.step()
-                sched.step()
+                out = train_step(model, opt, sched, batch, device, p.grad_clip, trainable)
                 state["step"] += 1
                 state["samples"] += len(batch["fake"]) * ctx.world_size
                 state["epoch"] = max(state["epoch"], int(epoch))
                 state["wall_s"] = wall0 + time.perf_counter() - t_start
                 for k in ("loss", "loss_txt", "loss_seg"):
-                    window[k] += float(getattr(out, k).detach())
+                    window[k] += getattr(out, k).detach()  # no device sync until logged
                 window["n"] += 1
                 window["samples"] += len(batch["fake"]) * ctx.world_size
                 if state["step"] % p.log_every == 0 or state["step"] == p.steps:
                     dt = time.perf_counter() - window["t"]
                     row = {"step": state["step"], "samples": state["samples"],
                            "epoch": round(state["samples"] / n_train, 3),
-                           **{k: round(window[k] / window["n"], 5)
+                           **{k: round(float(window[k]) / window["n"], 5)
                               for k in ("loss", "loss_txt", "loss_seg")},
                            "lr": float(sched.get_last_lr()[0]),
                            "samples_per_s": round(window["samples"] / dt, 2) if dt > 0 else None}
