@@ -1,11 +1,13 @@
 """`python -m pipeline predict IMAGE... --model DIR --out OUT`: masks and scores for any images.
 
 A full image is cut into `crop` x `crop` tiles at its own resolution (never resized for the
-segmentation branch; the last row and column padded), each tile is run with the global view
-of the whole image, and the tile masks are stitched back in place. The image's score is the
-*maximum* of the tiles' P(fake): an image is forged when any part of it is, and unlike
-noisy-or the maximum does not drift towards 1 as large images give more tiles. The answer
-text is the model's own greedy answer on the tile with the highest score.
+segmentation branch; the last row and column end at the image border and overlap their
+neighbours), each tile is run with the global view of the whole image, and the tile masks
+are stitched back in place (averaged where tiles overlap). A tile answered "real" gives an
+empty mask: the question asks to segment only if fake. The image's score is the *maximum*
+of the tiles' P(fake): an image is forged when any part of it is, and unlike noisy-or the
+maximum does not drift towards 1 as large images give more tiles. The answer text is the
+model's own greedy answer on the tile with the highest score.
 
 Per image: `OUT/<stem>.mask.png` (0/255, the image's size: pixels with P(forged) >= 0.5)
 and `OUT/<stem>.json` with `score`, `answer`, `tiles`, `tile_scores` and the model path.
@@ -56,7 +58,8 @@ def predict_image(model: DeFakerOne, rgb: np.ndarray, batch: int = 8, answer: bo
     device = next(model.parameters()).device
     h, w = rgb.shape[:2]
     wins = tiles(h, w, cfg.crop)
-    prob = np.zeros((h, w), np.float32)
+    total = np.zeros((h, w), np.float32)
+    count = np.zeros((h, w), np.float32)
     scores: list[float] = []
     views_all = []
     for i in range(0, len(wins), batch):
@@ -67,7 +70,9 @@ def predict_image(model: DeFakerOne, rgb: np.ndarray, batch: int = 8, answer: bo
         p_fake, p_mask = model.infer(px, views)
         p_mask = p_mask.cpu().numpy()
         for win, pm, pf in zip(part, p_mask, p_fake.tolist()):
-            prob[win.y : win.y + win.h, win.x : win.x + win.w] = pm[: win.h, : win.w]
+            if pf >= 0.5:  # a tile answered "real" has no forged region
+                total[win.y : win.y + win.h, win.x : win.x + win.w] += pm[: win.h, : win.w]
+            count[win.y : win.y + win.h, win.x : win.x + win.w] += 1
             scores.append(float(pf))
         views_all.append(views.cpu())
     best = int(np.argmax(scores))
@@ -75,7 +80,7 @@ def predict_image(model: DeFakerOne, rgb: np.ndarray, batch: int = 8, answer: bo
     if answer:
         views = torch.cat(views_all)[best].to(device)
         text = model.answer_text(views)
-    return Prediction(prob, max(scores), text, scores)
+    return Prediction(total / count, max(scores), text, scores)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -298,7 +298,16 @@ def make_loader(shards, cfg, p: TrainParams, *, rank: int = 0, world: int = 1, s
     stream.check_slots(p.loader_workers)
     return DataLoader(stream, batch_size=p.batch_size, num_workers=p.loader_workers,
                       collate_fn=_collate, persistent_workers=p.loader_workers > 0,
-                      prefetch_factor=4 if p.loader_workers else None, pin_memory=pin_memory)
+                      prefetch_factor=4 if p.loader_workers else None, pin_memory=pin_memory,
+                      worker_init_fn=_loader_worker_init)
+
+
+def _loader_worker_init(worker_id: int) -> None:
+    """One thread per loader process (torch already does this for itself): OpenCV's pool
+    would otherwise compete with the training process for the same cores."""
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def train_step(model, opt, sched, batch: dict[str, Any], device, grad_clip: float, trainable):

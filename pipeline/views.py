@@ -6,8 +6,10 @@ branch (SAM2) only ever sees pixels at the image's own resolution:
 - training: one `crop` x `crop` window per sample, the mask cut from the same window; an
   image smaller than the crop is padded at the right and bottom (never upscaled) and the
   padding is excluded from the loss (`valid`);
-- prediction: the image cut into a grid of `crop` x `crop` tiles at native resolution (the
-  last row and column padded the same way), each tile's mask pasted back in place.
+- prediction: the image cut into a grid of `crop` x `crop` tiles at native resolution, the
+  last row and column shifted back to end at the image border (overlapping their
+  neighbours, so no tile holds padding unless the image is smaller than the crop); tile
+  masks are pasted back in place and averaged where tiles overlap.
 
 The language model (InternVL) sees two views per crop or tile, each resized to its vision
 input size (`vlm_size`): a *global* view (the whole image, downscaled: the context) and a
@@ -74,12 +76,22 @@ def random_window(mask: np.ndarray, size: int, rng: np.random.Generator, focus: 
     return Window(y, x, ch, cw)
 
 
+def _starts(n: int, size: int) -> list[int]:
+    if n <= size:
+        return [0]
+    starts = list(range(0, n - size + 1, size))
+    if starts[-1] + size < n:
+        starts.append(n - size)  # the last tile ends at the border, overlapping its neighbour
+    return starts
+
+
 def tiles(h: int, w: int, size: int) -> list[Window]:
-    """Non-overlapping `size` tiles covering an H x W image, row by row."""
+    """`size` tiles covering an H x W image row by row; the last row and column end at the
+    border, so only an image smaller than `size` gives padded tiles."""
     if h <= 0 or w <= 0:
         raise ValueError(f"image of size {w}x{h} has no pixels")
     return [Window(y, x, min(size, h - y), min(size, w - x))
-            for y in range(0, h, size) for x in range(0, w, size)]
+            for y in _starts(h, size) for x in _starts(w, size)]
 
 
 def normalize(pixels, dtype=None):

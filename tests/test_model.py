@@ -27,6 +27,7 @@ from pipeline.model import (
     tiny_tokenizer,
 )
 from pipeline.train import pixel_f1
+from pipeline.views import tiles
 
 S = 128
 
@@ -217,7 +218,7 @@ def test_predict_writes_masks_of_each_image_size(tmp_path, tiny):
         assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
         info = json.loads((tmp_path / "out" / f"{stem}.json").read_text())
         assert 0.0 <= info["score"] <= 1.0 and isinstance(info["answer"], str) and info["answer"]
-        n_tiles = -(-w // S) * -(-h // S)
+        n_tiles = len(tiles(h, w, S))
         assert info["tiles"] == n_tiles and info["score"] == max(info["tile_scores"])
     # a file that is not an image is reported, the others still written
     bad = tmp_path / "in" / "notes.jpg"
@@ -227,20 +228,32 @@ def test_predict_writes_masks_of_each_image_size(tmp_path, tiny):
     assert (tmp_path / "out2" / "small.mask.png").exists()
 
 
+def test_tiles_cover_the_image_at_native_resolution():
+    from pipeline.views import tiles
+
+    assert [(t.y, t.x, t.h, t.w) for t in tiles(150, 200, S)] == [
+        (0, 0, 128, 128), (0, 72, 128, 128), (22, 0, 128, 128), (22, 72, 128, 128)]
+    assert [(t.y, t.x, t.h, t.w) for t in tiles(50, 70, S)] == [(0, 0, 50, 70)]  # padded
+    assert len(tiles(256, 384, S)) == 6  # exact multiples: no overlap
+
+
 def test_tiles_are_stitched_in_place(tiny):
-    """A tile's mask lands where the tile was cut: the stitched probability map equals the
-    per-tile outputs, cut back to the image."""
+    """A tile's mask lands where the tile was cut: where only one tile covers the image, the
+    stitched map is that tile's output (or empty when the tile is answered real)."""
+    from pipeline.train_data import make_views
+    from pipeline.views import chw, cut, tiles
+
     rgb = cv2.resize(skdata.astronaut(), (200, 150))
     pred = predict.predict_image(tiny, rgb, batch=3, answer=False)
     assert pred.prob.shape == (150, 200) and len(pred.tile_scores) == 4
-    from pipeline.train_data import make_views
-    from pipeline.views import chw, cut, tiles
     cfg = predict.crop_config(tiny)
-    win = tiles(150, 200, S)[3]  # bottom-right, padded
+    win = tiles(150, 200, S)[3]  # bottom-right; alone below row 128 and right of column 128
     crop = cut(rgb, win, S)
-    _, pm = tiny.infer(torch.from_numpy(chw(crop))[None],
-                       torch.from_numpy(make_views(rgb, crop, cfg))[None])
-    assert np.allclose(pred.prob[win.y:, win.x:], pm[0, : win.h, : win.w].numpy(), atol=1e-5)
+    p_fake, pm = tiny.infer(torch.from_numpy(chw(crop))[None],
+                            torch.from_numpy(make_views(rgb, crop, cfg))[None])
+    expect = pm[0].numpy() if float(p_fake) >= 0.5 else np.zeros((S, S), np.float32)
+    assert np.allclose(pred.prob[128:, 128:], expect[128 - win.y :, 128 - win.x :], atol=1e-5)
+    assert pred.tile_scores[3] == pytest.approx(float(p_fake), abs=1e-5)
 
 
 def _learning_set():
