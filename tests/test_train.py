@@ -324,10 +324,12 @@ def test_ctrl_c_leaves_a_usable_checkpoint(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_stage_on_ray_one_worker(corpus, tmp_path):
-    """The TorchTrainer path: one Ray Train worker with torch.distributed set up."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_train_stage_on_ray(corpus, tmp_path, workers):
+    """The TorchTrainer path: Ray Train workers with torch.distributed set up (gloo); with 2,
+    DDP over two processes that each stream their own part of the shards."""
     path = _subprocess_params(corpus, tmp_path, steps=3, checkpoint_every=3, val_every=3,
-                              loader_workers=1)
+                              loader_workers=1, num_workers=workers, cpus_per_worker=0.5)
     d = yaml.safe_load(path.read_text())
     d["executor"].update(backend="ray", num_cpus=2)
     path.write_text(yaml.safe_dump(d))
@@ -337,5 +339,6 @@ def test_train_stage_on_ray_one_worker(corpus, tmp_path):
                          check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     m = json.loads((tmp_path / "metrics" / "train.json").read_text())
-    assert m["backend"] == "ray" and m["world_size"] == 1 and m["steps"] == 3
+    assert m["backend"] == "ray" and m["world_size"] == workers and m["steps"] == 3
+    assert m["samples"] == 3 * 2 * workers
     load_model(tmp_path / "data" / "train" / "model")
