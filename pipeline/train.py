@@ -80,7 +80,7 @@ class TrainParams:
     shuffle_buffer: int = 32
     vlm_model: str | None = None  # hub id or local path; None: the preset's
     sam_model: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: the preset's
+    dtype: Literal["float32", "bfloat16"] | None = None  # None: the preset's (2b: bfloat16)
     lora: bool | None = None  # LoRA on the language model; None: the preset's (2b: on)
     lora_r: int = 16
     lora_alpha: int = 32
