@@ -21,6 +21,8 @@ log = logging.getLogger("pipeline")
 # commands that are not stages: name -> (module with main(argv), help)
 TOOLS: dict[str, tuple[str, str]] = {
     "inspect": ("pipeline.inspect", "write a PNG of a sample with its mask (see inspect --help)"),
+    "predict": ("pipeline.predict", "masks and scores of images with a trained model "
+                "(see predict --help)"),
 }
 
 
@@ -80,11 +82,10 @@ def run_stage(stage: str, params: Params, executor=None) -> dict[str, Any]:
 
     decl = stages_mod.get(stage)
     inputs, out = stages_mod.resolve(decl, params)
-    manifest = inputs.get("manifest")
-    if manifest is not None and not Path(manifest).exists():
+    first = decl.reads[0] if decl.reads else "corpus"
+    if first != "corpus" and not Path(inputs[first]).exists():
         raise FileNotFoundError(
-            f"{stage}: input {decl.reads[0]!r} ({manifest}) is missing; run the earlier "
-            "stages first"
+            f"{stage}: input {first!r} ({inputs[first]}) is missing; run the earlier stages first"
         )
     out.mkdir(parents=True, exist_ok=True)
     own = executor is None
@@ -116,6 +117,10 @@ def summary(stage: str, m: dict[str, Any]) -> str:
         )
     if "shipped" in m:
         parts.append(f"shipped={m['shipped']}")
+    if stage == "train":
+        parts = [f"{m.get('steps')} steps", f"{m.get('samples')} samples", f"loss {m.get('loss')}",
+                 f"val pixel F1 {m.get('val_pixel_f1')}",
+                 f"val accuracy {m.get('val_image_accuracy')}"]
     return f"[{stage}] {'; '.join(parts)} in {m['seconds']:.1f}s"
 
 
@@ -227,4 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, FileNotFoundError, DataDirBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -35,6 +35,8 @@ class Stage:
     uses: tuple[str, ...] = ()  # top-level params keys it reads besides its section (seed, ...)
     code: tuple[str, ...] = ()  # code it depends on besides its own module (dvc deps)
     plots: tuple[str, ...] = ()  # files under plots_dir it writes (DVC plots)
+    # DVC plot definitions (dvc.yaml top-level `plots:`): name -> {template, x, y: {file: cols}}
+    plot_specs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     persist: Mapping[str, str] = field(default_factory=dict)  # artifacts kept across reruns
     # (DVC `persist: true`, not cached): e.g. training checkpoints a rerun resumes from
 

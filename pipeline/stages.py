@@ -23,6 +23,7 @@ MODULES: tuple[str, ...] = (
     "pipeline.split",
     "pipeline.shard",
     "pipeline.export",
+    "pipeline.train",
 )
 
 
@@ -114,7 +115,23 @@ def dvc_stages(params: Any) -> dict[str, Any]:
     return out
 
 
+def dvc_plots(params: Any) -> list[dict[str, Any]]:
+    """`dvc.yaml`'s top-level `plots:` from the stages' plot definitions."""
+    plots = params.plots_dir.rstrip("/")
+    out = []
+    for s in all_stages():
+        for name, spec in s.plot_specs.items():
+            spec = dict(spec)
+            spec["y"] = {f"{plots}/{f}": list(cols) for f, cols in spec["y"].items()}
+            out.append({name: spec})
+    return out
+
+
 def dvc_yaml(params: Any) -> str:
     import yaml
 
-    return DVC_HEADER + yaml.safe_dump({"stages": dvc_stages(params)}, sort_keys=False, width=100)
+    doc: dict[str, Any] = {"stages": dvc_stages(params)}
+    plots = dvc_plots(params)
+    if plots:
+        doc["plots"] = plots
+    return DVC_HEADER + yaml.safe_dump(doc, sort_keys=False, width=100)

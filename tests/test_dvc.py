@@ -62,6 +62,8 @@ def repo(tmp_path_factory) -> Path:
     params["export"]["exports"] = {"balanced": None,
                                    "sweep": {**params["export"]["exports"]["balanced"],
                                              "fractions": [1.0], "imdl": False}}
+    params["train"].update(export="sweep", steps=2, checkpoint_every=2, val_every=2,
+                           val_max_images=1, loader_workers=0)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / ".gitignore").write_text("__pycache__/\n")
     _sh("git", "init", "-q", "-b", "main", cwd=repo)

@@ -45,13 +45,15 @@ def test_run_all_stages(tmp_path, backend):
         synthesize={"generators": only_generators(copy_move={}, removal={}, text_erase={},
                                                   gan_synthesis={}), "per_source": 2},
         export={"exports": only_exports(all={"balance": False, "imdl": False})},
+        train={"export": "all", "steps": 2, "checkpoint_every": 2, "val_every": 2,
+               "val_max_images": 1, "loader_workers": 0},
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
     out = subprocess.run([sys.executable, "-m", "pipeline", "run", "--params", str(params)],
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert ("starting ray (local instance)" in out.stderr) == (backend == "ray")
-    for stage in ("ingest", "dedup", "synthesize", "masks", "split", "shard", "export"):
+    for stage in ("ingest", "dedup", "synthesize", "masks", "split", "shard", "export", "train"):
         assert f"[{stage}]" in out.stdout  # one summary line per stage
         assert (tmp_path / "metrics" / f"{stage}.json").exists()
     rows = read_records(tmp_path / "data" / "manifest.parquet")

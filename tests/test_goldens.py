@@ -19,7 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import local_executor, make_params, only_exports, only_generators, save, write_manifest
+from conftest import (
+    local_executor,
+    make_params,
+    only_exports,
+    only_generators,
+    save,
+    write_manifest,
+)
 from PIL import Image
 from skimage import data as skdata
 
