@@ -138,3 +138,39 @@ def test_auto_domain_through_ingest(tmp_path):
     assert metrics["by_status"] == {"ok": len(declared)}
     for r in recs:
         assert r.domain == (declared[r.uri] if declared[r.uri] != "auto" else "natural"), r.uri
+
+
+def test_auto_domain_on_awkward_images_never_fails(tmp_path):
+    from conftest import awkward_corpus
+
+    made = awkward_corpus(tmp_path / "awk")
+    _, metrics, recs = run_ingest(tmp_path, [source("awk", "image_folder", tmp_path / "awk", domain="auto")])
+    assert metrics["by_status"] == {"ok": len(made)}
+    assert {r.domain for r in recs} <= {"natural", "face", "document"}
+
+
+def test_face_check_finds_pasted_faces_on_any_background_and_none_without():
+    import math
+
+    import matplotlib
+    from PIL import Image as PILImage
+
+    cv2.setNumThreads(1)
+    hopper = np.asarray(PILImage.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"))
+    heads = [skdata.astronaut()[20:240, 150:330], hopper[60:420, 80:420]]
+    backgrounds = [skdata.coffee(), skdata.rocket(), skdata.hubble_deep_field(),
+                   np.stack([skdata.camera()] * 3, -1), np.stack([skdata.grass()] * 3, -1)]
+    rng = np.random.default_rng(0)
+    for i, bg in enumerate(backgrounds):
+        h, w = bg.shape[:2]
+        f = (1e6 / (h * w)) ** 0.5
+        big = cv2.resize(bg, (round(w * f), round(h * f)), interpolation=cv2.INTER_CUBIC)
+        assert not domains.has_face(domains._small(big, 512)), i
+        for head in heads:  # a head of about 8% of the image: a face box of about 4%
+            side = int(math.sqrt(0.08 * big.shape[0] * big.shape[1]))
+            hd = cv2.resize(head, (side, side * head.shape[0] // head.shape[1]), interpolation=cv2.INTER_AREA)
+            y = rng.integers(0, big.shape[0] - hd.shape[0])
+            x = rng.integers(0, big.shape[1] - hd.shape[1])
+            img = big.copy()
+            img[y : y + hd.shape[0], x : x + hd.shape[1]] = hd
+            assert domains.guess_domain(img) == "face", i

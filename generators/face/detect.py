@@ -57,25 +57,23 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
     return iw * ih / max(1, min(aw * ah, bw * bh))
 
 
-def detect_faces(image: np.ndarray, min_size_frac: float = 0.08, max_side: int = _MAX_SIDE,
-                 scale_factor: float = 1.1) -> list[tuple[int, int, int, int]]:
+def detect_faces(image: np.ndarray, min_size_frac: float = 0.08) -> list[tuple[int, int, int, int]]:
     """Frontal faces as (x, y, w, h) in `image` pixels, largest first.
 
     A face must be at least `min_size_frac` of the shorter image side, and two different
     cascades (default and alt2) must both fire on it: one cascade alone finds faces in
-    textures (coffee foam, printed text). Detection runs at `max_side` (longest side) with
-    `scale_factor` between window sizes; a smaller side or a larger factor is faster.
+    textures (coffee foam, printed text).
     """
     if not 0 < min_size_frac < 1:
         raise ValueError(f"min_size_frac {min_size_frac!r}; allowed: 0 < min_size_frac < 1")
     h, w = image.shape[:2]
-    scale = min(_MAX_UPSCALE, max_side / max(h, w))
+    scale = min(_MAX_UPSCALE, _MAX_SIDE / max(h, w))
     gray = _gray(image)
     if scale != 1.0:
         interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
         gray = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=interp)
     min_side = max(20, int(min(gray.shape) * min_size_frac))
-    kw = {"scaleFactor": scale_factor, "minSize": (min_side, min_side)}
+    kw = {"scaleFactor": 1.1, "minSize": (min_side, min_side)}
     main = _cascade(FACE_CASCADE).detectMultiScale(gray, minNeighbors=5, **kw)
     if len(main) == 0:
         return []
