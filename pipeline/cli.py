@@ -71,12 +71,6 @@ class DataDirLock:
             self._fd = None
 
 
-def check_data_dir(params: Params) -> None:
-    data = params.data
-    if data.exists() and not data.is_dir():
-        raise ParamsError(f"data_dir {str(data)!r} exists and is not a directory")
-
-
 def run_stage(stage: str, params: Params, executor=None) -> dict[str, Any]:
     from pipeline.executor import Executor
 
@@ -211,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         overrides = {"executor": {"backend": args.backend}} if args.backend else None
         params = params_mod.load(args.params, overrides)
-        check_data_dir(params)
         from pipeline.corpus import load_corpus
 
         load_corpus(params.corpus_paths())  # a bad manifest fails before any work

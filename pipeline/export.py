@@ -252,7 +252,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
                 shards[split] = len(tars)
             with ManifestWriter(target / "manifest.parquet") as w:
                 for r in sorted(rows, key=lambda r: (r.split, r.key)):
-                    w.write(r)
+                    w.write(r.replace(local_path=None))  # exports are published: no local paths
             effective = f * p.fraction
             (target / CARD).write_text(card(folder, spec, effective, rows))
             if (target / "imdl").exists():

@@ -429,6 +429,22 @@ def encode_mask(mask: np.ndarray) -> bytes:
     return encode_gray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8))
 
 
+def tag_orientation(png: bytes, orientation: int | None) -> bytes:
+    """The mask PNG `png` carrying EXIF orientation `orientation` (an eXIf chunk), so that
+    readers which apply EXIF orientation (PIL `exif_transpose`, Hugging Face `datasets`,
+    `cv2.imread`) rotate a mask exactly as they rotate its image, and raw readers rotate
+    neither. Orientation 1 or none: the bytes unchanged."""
+    if not orientation or orientation == 1:
+        return png
+    with Image.open(io.BytesIO(png)) as img:
+        img.load()
+        exif = Image.Exif()
+        exif[0x0112] = int(orientation)
+        buf = io.BytesIO()
+        img.save(buf, "PNG", compress_level=6, exif=exif.tobytes())
+    return buf.getvalue()
+
+
 def decode_mask(data: bytes) -> np.ndarray:
     """Bool H x W from any mask image (nonzero in any channel is inside)."""
     with Image.open(io.BytesIO(data)) as img:

@@ -250,7 +250,19 @@ def from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> Params:
         given = merged(cls, _asdict(cls()), data.get(name))
         sections[name] = build(cls, given, f"params.{name}")
     kwargs["sections"] = sections
-    return Params(base_dir=str(base_dir), **kwargs)
+    params = Params(base_dir=str(base_dir), **kwargs)
+    _check_data_dir(params.data)
+    return params
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    """`data_dir` must be a folder, or not exist yet below a folder."""
+    p = data_dir
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        what = "is a file" if p == data_dir else f"is inside {p}, which is a file"
+        raise ParamsError(f"params.data_dir: {str(data_dir)!r} {what}; data_dir must be a folder")
 
 
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:

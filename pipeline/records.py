@@ -55,7 +55,7 @@ class Record:
     error: str | None = None
     license: str | None = None
     # --- internal fields (additions are allowed by the interface) ---
-    uri: str | None = None  # where the item came from: path, tar#member, dataset#index
+    uri: str | None = None  # where the item came from, relative to its source's root: path, tar#member, split#index
     kind: str | None = None  # source kind of the manifest entry
     blob: str | None = None  # image bytes, relative to data_dir
     mask_blob: str | None = None  # final 0/255 PNG mask, relative to data_dir
@@ -69,6 +69,7 @@ class Record:
     jpeg_quality: int | None = None
     mask_quality: float | None = None
     stage: str | None = None  # stage that last set `status`
+    local_path: str | None = None  # full local path of the item (file, tar#member, dataset#index); never shipped
     # --- what stages pass to each other, declared (no free-form JSON) ---
     caption: str | None = None  # text that came with a real image (hf/webdataset sources)
     donor_key: str | None = None  # splice / face swap: the real sample whose pixels were pasted
@@ -107,7 +108,7 @@ SCHEMA = pa.schema(
     [pa.field(f.name, _arrow_type(f.type)) for f in dataclasses.fields(Record)]
 )
 FIELDS = tuple(f.name for f in dataclasses.fields(Record))
-_PRIVATE = ("blob", "mask_blob", "requested_mask_blob", "diff_blob", "parent_blob")
+_PRIVATE = ("blob", "mask_blob", "requested_mask_blob", "diff_blob", "parent_blob", "local_path")
 _PUBLIC = tuple(name for name in FIELDS if name not in _PRIVATE)
 
 
@@ -120,8 +121,13 @@ def content_key(*parts: object, length: int = 24) -> str:
     return h.hexdigest()[:length]
 
 
-def to_table(records: Iterable[Record]) -> pa.Table:
+def to_table(records: Iterable[Record], shipped: bool = False) -> pa.Table:
+    """Records as an arrow table; `shipped=True` blanks `local_path` (tables that leave the
+    machine with the shards must not carry the local file system layout)."""
     rows = [r.to_dict() for r in records]
+    if shipped:
+        for row in rows:
+            row["local_path"] = None
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 

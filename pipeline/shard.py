@@ -79,6 +79,7 @@ def sample_members(record: Record, data_dir: Path, record_json: bytes | None = N
         mask = full_mask(record, 0)
     else:
         raise ValueError(f"{record.key}: tampered sample without a mask")
+    mask = imageio.tag_orientation(mask, record.exif_orientation)  # rotates with its image
     members = {
         "__key__": record.key,
         record.format: image,
@@ -86,7 +87,8 @@ def sample_members(record: Record, data_dir: Path, record_json: bytes | None = N
         "json": record_json if record_json is not None else _record_json(record),
     }
     if record.diff_blob:
-        members["diff.png"] = (data_dir / record.diff_blob).read_bytes()
+        members["diff.png"] = imageio.tag_orientation((data_dir / record.diff_blob).read_bytes(),
+                                                      record.exif_orientation)
     return members
 
 
@@ -171,7 +173,7 @@ def write_shard(records: list[Record], data_dir: Path, out_dir: Path, name: str)
             nbytes += w.write(sample_members(r, data_dir, j))
     os.replace(tmp, tar)
     tmp_index = out_dir / f".{name}.parquet.{os.getpid()}.tmp"
-    pq.write_table(to_table(records), tmp_index)
+    pq.write_table(to_table(records, shipped=True), tmp_index)
     os.replace(tmp_index, index)
     stats = {
         "shard": tar.name,

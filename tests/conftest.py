@@ -142,3 +142,41 @@ def tiny_corpus(tmp_path: Path) -> Path:
         {"name": "photos", "kind": "image_folder", "domain": "natural", "label": "real",
          "license": "test", "path": str(folder)},
     ])
+
+
+def run_ingest(tmp_path: Path, sources: list[dict], **sections):
+    """Ingest `sources` (manifest entries) into tmp_path/data; returns (params, metrics, records)."""
+    from pipeline.cli import run_stage
+    from pipeline.records import read_records
+
+    manifest = write_manifest(tmp_path / "corpus.yaml", sources)
+    params = make_params(tmp_path, [manifest], **sections)
+    metrics = run_stage("ingest", params, local_executor())
+    return params, metrics, read_records(params.data / "ingest" / "manifest.parquet")
+
+
+def ship(params: params_mod.Params, split: str = "train") -> list[dict]:
+    """Every ok ingest record to `split`, through the shard stage; returns the shipped
+    samples as read back by webdataset (raw bytes)."""
+    import webdataset as wds
+
+    from pipeline.cli import run_stage
+    from pipeline.records import read_records
+    from pipeline.records import write_manifest as write_records
+
+    recs = read_records(params.data / "ingest" / "manifest.parquet")
+    write_records(params.data / "split" / "manifest.parquet",
+                  [r.replace(split=split if r.status == "ok" else None, group_id=r.sha256) for r in recs])
+    run_stage("shard", params, local_executor())
+    tars = sorted(str(p) for p in (params.data / "shards").rglob("*.tar"))
+    return list(wds.WebDataset(tars, shardshuffle=False, empty_check=False))
+
+
+def source(name: str, kind: str, path, **kw) -> dict:
+    """A manifest entry with the common keys filled in."""
+    d = {"name": name, "kind": kind, "domain": kw.pop("domain", "natural"),
+         "label": kw.pop("label", "real"), "license": "test"}
+    if path is not None:
+        d["path"] = str(path)
+    d.update(kw)
+    return d

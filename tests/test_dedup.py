@@ -313,7 +313,7 @@ def test_exact_duplicates_are_named_as_such(tmp_path):
     run_stage("ingest", make_params(tmp_path, [manifest]), local_executor())
     for tag, near in (("near", True), ("exact_only", False)):
         metrics, recs = _dedup(tmp_path, manifest, tag, near=near)
-        sha = next(r.sha256 for r in recs if r.uri.endswith("files/rocket.png"))
+        sha = next(r.sha256 for r in recs if r.uri == "rocket.png")
         rocket = [r for r in recs if r.sha256 == sha]
         assert len(rocket) == 4 and len(recs) == 5
         assert len({r.group_id for r in rocket}) == 1

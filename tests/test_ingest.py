@@ -39,7 +39,8 @@ def test_awkward_valid_images_are_ingested_byte_identical(tmp_path):
     by_uri = {r.uri: r for r in recs}
     assert len(recs) == len(made)
     for rel, what in made.items():
-        r = by_uri[str(Path("awkward") / rel)]
+        r = by_uri[rel]  # relative to the source folder
+        assert r.local_path == str(root / rel)
         assert r.status == "ok", (what, r.error)
         src = (root / rel).read_bytes()
         assert (params.data / r.blob).read_bytes() == src, what
@@ -47,13 +48,13 @@ def test_awkward_valid_images_are_ingested_byte_identical(tmp_path):
         with Image.open(root / rel) as im:
             assert (r.width, r.height) == im.size, what
         assert len(r.phash) == 16
-    assert by_uri["awkward/rotated.jpg"].exif_orientation == 6
-    assert by_uri["awkward/rotated.jpg"].jpeg_quality == 85
-    assert by_uri["awkward/UPPER.JPG"].jpeg_quality == 92
-    assert by_uri["awkward/cmyk.jpg"].mode == "CMYK"
-    assert by_uri["awkward/photo.webp"].format == "webp"
-    assert by_uri["awkward/scan.tif"].format == "tif"
-    assert by_uri["awkward/a/same.png"].key != by_uri["awkward/b/same.png"].key
+    assert by_uri["rotated.jpg"].exif_orientation == 6
+    assert by_uri["rotated.jpg"].jpeg_quality == 85
+    assert by_uri["UPPER.JPG"].jpeg_quality == 92
+    assert by_uri["cmyk.jpg"].mode == "CMYK"
+    assert by_uri["photo.webp"].format == "webp"
+    assert by_uri["scan.tif"].format == "tif"
+    assert by_uri["a/same.png"].key != by_uri["b/same.png"].key
     assert metrics["by_status"] == {"ok": len(made)}
 
 
@@ -61,13 +62,13 @@ def test_bad_inputs_are_rows_with_reasons_and_good_files_survive(tmp_path):
     root = tmp_path / "mixed"
     expected = broken_corpus(root)
     save(Image.fromarray(skdata.coffee()).resize((64, 48)), root / "good.png", "PNG")
-    params, metrics, recs = _ingest(tmp_path, [
+    _, _, recs = _ingest(tmp_path, [
         {"name": "mixed", "kind": "image_folder", "domain": "natural", "label": "real", "license": "x",
          "path": str(root)},
         {"name": "gone", "kind": "image_folder", "domain": "natural", "label": "real", "license": "x",
          "path": str(tmp_path / "no-such-dir")},
     ], ingest={"max_pixels": 50_000_000})
-    status = {Path(r.uri).name: r.status for r in recs}
+    status = {Path(r.uri).name if r.uri != "." else Path(r.local_path).name: r.status for r in recs}
     for name, reason in expected.items():
         assert status[name] == reason, name
         r = next(r for r in recs if Path(r.uri).name == name)
@@ -128,7 +129,7 @@ def test_pairs_and_blocklist(tmp_path):
     save(Image.fromarray(edited), tmp_path / "p" / "edit.png", "PNG")
     (tmp_path / "p" / "pairs.csv").write_text("original,edited\norig.png,edit.png\norig.png,missing.png\n")
     save(img, tmp_path / "block" / "bench.png", "PNG")
-    params, _, recs = _ingest(tmp_path, [
+    _, _, recs = _ingest(tmp_path, [
         {"name": "pairs", "kind": "pairs", "domain": "natural", "label": "tampered", "license": "x",
          "path": str(tmp_path / "p" / "pairs.csv")},
         {"name": "block", "kind": "blocklist", "domain": "natural", "label": "real", "license": "x",
@@ -177,10 +178,11 @@ def test_webdataset_source(tmp_path):
     _, _, recs = _ingest(tmp_path, [
         {"name": "w", "kind": "webdataset", "domain": "natural", "label": "real", "license": "x",
          "path": str(tmp_path / "in-*.tar"), "caption_key": "txt"}])
-    by = {r.uri.split("#")[1]: r for r in recs}
-    assert by["s1"].status == "ok" and by["s1"].jpeg_quality == 77
-    assert by["s1"].sha256 == hashlib.sha256(data).hexdigest()
-    assert by["s2"].status == "not_an_image"
+    by = {r.uri: r for r in recs}
+    assert by["in-000.tar#s1.jpg"].status == "ok" and by["in-000.tar#s1.jpg"].jpeg_quality == 77
+    assert by["in-000.tar#s1.jpg"].sha256 == hashlib.sha256(data).hexdigest()
+    assert by["in-000.tar#s1.jpg"].caption == "coffee"
+    assert by["in-000.tar#s2"].status == "not_an_image"
 
 
 def test_jpeg_quality_estimate():

@@ -104,7 +104,7 @@ def test_readback_webdataset_and_datasets(tmp_path):
         assert meta["key"] == key and meta["split"] == rec.split
         img_bytes = sample[rec.format]
         if rec.label == "real":
-            source = Path(rec.uri) if Path(rec.uri).is_absolute() else tmp_path / rec.uri
+            source = Path(rec.local_path)
             assert img_bytes == source.read_bytes()  # the source file, byte for byte
             assert hashlib.sha256(img_bytes).hexdigest() == rec.sha256
         mask = Image.open(io.BytesIO(sample["mask.png"]))

@@ -122,7 +122,7 @@ def test_data_dir_that_is_a_file_is_an_error(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text(f"data_dir: {tmp_path / 'd'}\n")
     out = _cli("ingest", "--params", str(f))
-    assert out.returncode == 2 and "is not a directory" in out.stderr
+    assert out.returncode == 2 and "data_dir must be a folder" in out.stderr
 
 
 def test_a_second_run_on_a_busy_data_dir_fails_clearly(tmp_path):
