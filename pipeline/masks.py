@@ -27,12 +27,13 @@ rows stay in the manifest.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -65,24 +66,38 @@ _WINDOW_ROWS = 20_000  # rows handed to the executor per call, so manifests stre
 @dataclass(frozen=True)
 class MasksParams:
     # per-pixel change, in 0-255 levels of the largest channel difference
-    threshold_lossless: float = 1.5  # threshold when the noise floor is zero (lossless save)
-    threshold_min: float = 3.0  # lossy saves: never count a change below this
-    noise_factor: float = 2.0  # lossy: threshold >= noise_factor x median change (noise floor)
-    texture_factor: float = 0.25  # + this x local contrast of the original (JPEG edge noise)
+    threshold_lossless: float = 0.5  # lossless forgery: a change above this counts (any change)
+    codec_twin: bool = True  # JPEG forgery: compare with the original re-encoded like it
+    # JPEG whose twin is exact (identical outside the edit's blocks)
+    exact_threshold: float = 3.0  # a change above this + exact_texture x local contrast counts
+    exact_texture: float = 0.1
+    exact_block: int = 3  # evidence window half-size, pixels
+    relative: float = 0.4  # a change below this x the strongest one within relative_reach px
+    relative_reach: int = 1  # is that change's codec echo (chroma subsampling, ringing)
+    # other lossy codecs (and JPEG from another encoder)
+    threshold_min: float = 3.0  # never count a change below this
+    noise_factor: float = 2.0  # threshold >= noise_factor x the noise (median change)
+    max_noise: float = 6.0  # a median change above this is an edit everywhere, not noise
+    texture_factor: float = 0.25  # + this x local contrast (JPEG error grows near edges)
+    relative_lossy: float = 0.5  # as `relative`, for these codecs
+    block: int = 8  # evidence window half-size, pixels (JPEG's block)
+    # both lossy kinds
     prefilter: bool = True  # 3x3 Gaussian on both images first: halves JPEG noise
+    density: float = 0.3  # a changed pixel is evidence where this share of its window changed
     colour_correction: bool = True  # fit and remove a small global colour shift first
     max_colour_shift: float = 24.0  # levels; a larger fitted shift is not applied
-    # region level; sizes are fractions of the working image's shorter side or area
-    work_pixels: int = 262_144  # region clean-up runs at about this many pixels (integer reduction)
-    window: float = 0.012  # density window
-    density: float = 0.3  # share of changed pixels in the window that makes it edited
-    close_radius: float = 0.012  # closing radius
-    max_hole: float = 0.02  # holes up to this fraction of the image are filled
-    min_component: float = 0.0004  # components below this fraction of the image are dropped
-    # quality filters
-    min_area: float = 0.0005  # mask area below this fraction: mask_too_small
-    max_area: float = 0.8  # above: mask_too_large
-    min_changed: float = 0.0001  # changed pixels below this fraction: no_visible_change
+    # region clean-up, in pixels of the image or fractions of each region's own size
+    close_px: int = 3  # lossy: closing radius (gaps the codec left in an edit)
+    close_px_lossless: int = 1
+    max_hole: float = 0.25  # holes up to this fraction of their region's area are filled
+    min_component: float = 0.02  # lossy: regions below this fraction of the largest dropped
+    # whole-frame change: the share of tiles (16 on the shorter side) changed beyond noise
+    full_cover: float = 0.9
+    regenerated: Literal["full", "reject"] = "full"  # full mask, or status `regenerated`
+    # quality filters, in pixels of the image: what a visible edit needs, not a page fraction
+    min_changed_pixels: int = 16  # fewer changed pixels: no_visible_change
+    min_pixels: int = 64  # a smaller mask: mask_too_small
+    max_area: float = 0.8  # a mask above this fraction of the image: mask_too_large
     min_quality: float = 0.0  # below: low_quality (0 disables)
     max_leak: float = 0.5  # share of the mask outside the dilated requested region
     leak_margin: float = 0.03  # dilation of the requested region, fraction of shorter side
@@ -90,25 +105,26 @@ class MasksParams:
     keep_diff: bool = False  # write the soft difference map (shipped as <key>.diff.png)
 
     def __post_init__(self) -> None:
-        fractions = ("window", "density", "close_radius", "max_hole", "min_component",
-                     "min_area", "max_area", "min_changed", "min_quality", "max_leak",
-                     "leak_margin")
+        fractions = ("relative", "relative_lossy", "density", "max_hole", "min_component",
+                     "full_cover", "max_area", "min_quality", "max_leak", "leak_margin")
         for name in fractions:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"masks.{name}: {v!r} is not allowed; allowed: 0.0 to 1.0")
-        if self.min_area > self.max_area:
-            raise ValueError(
-                f"masks.min_area ({self.min_area}) must not exceed masks.max_area ({self.max_area})"
-            )
-        levels = ("threshold_lossless", "threshold_min", "noise_factor", "texture_factor",
-                  "max_colour_shift")
+        levels = ("threshold_lossless", "exact_threshold", "exact_texture", "threshold_min",
+                  "noise_factor", "max_noise", "texture_factor", "max_colour_shift")
         for name in levels:
             v = getattr(self, name)
             if v < 0:
                 raise ValueError(f"masks.{name}: {v!r} is not allowed; allowed: >= 0")
-        if self.work_pixels < 4096:
-            raise ValueError(f"masks.work_pixels: {self.work_pixels!r}; allowed: >= 4096")
+        pixels = ("exact_block", "relative_reach", "block", "close_px", "close_px_lossless",
+                  "min_changed_pixels", "min_pixels")
+        for name in pixels:
+            v = getattr(self, name)
+            if v < 0:
+                raise ValueError(f"masks.{name}: {v!r} is not allowed; allowed: >= 0 pixels")
+        if self.regenerated not in ("full", "reject"):
+            raise ValueError(f"masks.regenerated: {self.regenerated!r}; allowed: full, reject")
 
 
 @dataclass
@@ -118,14 +134,22 @@ class Derivation:
     mask: np.ndarray  # H x W bool
     diff: np.ndarray  # H x W uint8: largest channel difference after colour correction
     threshold: float  # global part of the per-pixel threshold
-    noise: float  # median change: the noise floor
+    noise: float  # the codec's noise level (0 for a lossless forgery)
     changed: float  # fraction of pixels counted as changed
     quality: float  # purity x coverage, in [0, 1]
     colour_shift: float  # largest level shift removed by colour correction
+    changed_pixels: int = 0  # pixels counted as changed
+    codec: str = "unknown"  # lossless | jpeg (compared with the original re-encoded) | lossy
+    cover: float = 0.0  # share of tiles whose pixels changed beyond the codec's noise
+    regenerated: bool = False  # the whole frame changed: `mask` is all True
 
     @property
     def area(self) -> float:
         return float(np.count_nonzero(self.mask)) / self.mask.size
+
+    @property
+    def lossless(self) -> bool:
+        return self.codec == "lossless"
 
     def soft(self) -> np.ndarray:
         """The difference map for people and for `<key>.diff.png`: 255 at 4x the threshold."""
@@ -153,6 +177,76 @@ def _sub(img: np.ndarray, step: int) -> np.ndarray:
 def _channel_max(img: np.ndarray) -> np.ndarray:
     c = cv2.split(img)
     return cv2.max(cv2.max(c[0], c[1]), c[2])
+
+
+# --------------------------------------------------------------------------- codecs
+
+
+@dataclass
+class Codec:
+    """How the forged file stores pixels, and the original stored the same way."""
+
+    kind: str  # lossless | jpeg | lossy (a lossy codec this stage cannot reproduce)
+    twin: np.ndarray | None = None  # jpeg: the original encoded with the forgery's tables
+    noise: float | None = None  # jpeg: median error of a first encoding with those tables
+
+
+_LOSSLESS = {"PNG", "BMP", "PPM", "TGA", "QOI"}
+
+
+def codec_of(original: np.ndarray, forged_bytes: bytes, twin: bool = True) -> Codec:
+    """The forged file's codec; for a JPEG, the original re-encoded with the forged file's
+    own quantisation tables and chroma subsampling (its "twin"). A forgery made from these
+    original pixels and saved as that JPEG equals its twin, bit for bit, in every 8 x 8
+    block (16 x 16 with 4:2:0) the edit did not touch, so only the edit's blocks differ."""
+    from PIL import JpegImagePlugin
+
+    with Image.open(io.BytesIO(forged_bytes)) as im:
+        fmt = im.format or ""
+        if fmt in _LOSSLESS:
+            return Codec("lossless")
+        if fmt == "TIFF":
+            comp = str(im.info.get("compression", "raw"))
+            return Codec("lossy" if "jpeg" in comp else "lossless")
+        if fmt == "WEBP":
+            return Codec("lossless" if forged_bytes[12:16] == b"VP8L" else "lossy")
+        if fmt not in ("JPEG", "MPO") or not twin or im.mode not in ("RGB", "L"):
+            return Codec("lossy")
+        tables = dict(im.quantization or {})
+        sampling = JpegImagePlugin.get_sampling(im)
+        mode = im.mode
+    if not tables or (mode == "RGB" and sampling < 0):
+        return Codec("lossy")
+    kw: dict[str, Any] = {"qtables": tables}
+    if mode == "RGB":
+        kw["subsampling"] = sampling
+    twin_img = _jpeg_round_trip(original, mode, kw)
+    # the noise of a first encoding (the edit's blocks are encoded for the first time):
+    # a shifted crop of the original, so its blocks are not already quantised
+    h, w = original.shape[:2]
+    ch, cw = min(h - 5, 512), min(w - 3, 512)
+    noise = None
+    if ch >= 16 and cw >= 16:
+        y0 = (h - ch) // 2 // 16 * 16 + 3  # off the block grid by 3 and 5 pixels
+        x0 = (w - cw) // 2 // 16 * 16 + 5
+        y0, x0 = min(y0, h - ch), min(x0, w - cw)
+        crop = np.ascontiguousarray(original[y0 : y0 + ch, x0 : x0 + cw])
+        fresh = _jpeg_round_trip(crop, mode, kw)
+        noise = _median_u8(_channel_max(cv2.absdiff(cv2.GaussianBlur(fresh, (3, 3), 0),
+                                                    cv2.GaussianBlur(crop, (3, 3), 0))))
+    return Codec("jpeg", twin_img, noise)
+
+
+def _jpeg_round_trip(img: np.ndarray, mode: str, kw: dict[str, Any]) -> np.ndarray:
+    im = Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8), "RGB")
+    if mode == "L":
+        im = im.convert("L")
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", **kw)
+    return decode(buf.getvalue())
+
+
+# --------------------------------------------------------------------------- derivation
 
 
 def match_colours(
@@ -207,10 +301,29 @@ def match_colours(
     return cv2.LUT(np.ascontiguousarray(original), table.reshape(1, 256, 3)), shift
 
 
+
+def derive(original: np.ndarray, forged_bytes: bytes, p: MasksParams | None = None) -> Derivation:
+    """The edited region of the forged file `forged_bytes` relative to the `original` pixels
+    (H x W x 3 uint8), using what the file says about its codec (see `codec_of`)."""
+    p = p or MasksParams()
+    forged = decode(forged_bytes)
+    if forged.shape != original.shape:
+        raise ValueError(f"original {original.shape} and forged {forged.shape} differ in size")
+    return derive_mask(original, forged, p, codec_of(original, forged_bytes, p.codec_twin))
+
+
 def derive_mask(
-    original: np.ndarray, forged: np.ndarray, p: MasksParams | None = None
+    original: np.ndarray,
+    forged: np.ndarray,
+    p: MasksParams | None = None,
+    codec: Codec | None = None,
 ) -> Derivation:
-    """The edited region of `forged` (H x W x 3 uint8) relative to `original` (same shape)."""
+    """The edited region of `forged` (H x W x 3 uint8) relative to `original` (same shape).
+
+    Without `codec` the forged pixels' codec is guessed: lossless when most pixels are
+    identical, else an unknown lossy codec whose noise is the median change (at most
+    `max_noise` levels, so a change everywhere is not mistaken for noise).
+    """
     p = p or MasksParams()
     if original.shape != forged.shape or original.ndim != 3 or original.shape[2] != 3:
         raise ValueError(
@@ -219,82 +332,152 @@ def derive_mask(
     original = np.ascontiguousarray(original, dtype=np.uint8)
     forged = np.ascontiguousarray(forged, dtype=np.uint8)
     h, w = forged.shape[:2]
+    kind = codec.kind if codec is not None else "unknown"
+    ref = codec.twin if codec is not None and codec.twin is not None else original
     shift = 0.0
     if p.colour_correction:
-        original, shift = match_colours(original, forged, p.max_colour_shift)
-    # noise floor: the median change (most of the image is untouched); zero for lossless
+        ref, shift = match_colours(ref, forged, p.max_colour_shift)
     step = max(1, int(np.sqrt(h * w / 65536)))
-    noise = _median_u8(_channel_max(cv2.absdiff(_sub(forged, step), _sub(original, step))))
-    lossy = noise >= 1
-    if p.prefilter and lossy:
-        # lossy: JPEG error is high-frequency, a 3x3 Gaussian halves it
-        a = cv2.GaussianBlur(original, (3, 3), 0)
-        b = cv2.GaussianBlur(forged, (3, 3), 0)
+    if kind == "unknown":
+        raw = _median_u8(_channel_max(cv2.absdiff(_sub(forged, step), _sub(ref, step))))
+        kind = "lossless" if raw < 1 else "lossy"
+    if kind == "lossless":
+        diff = _channel_max(cv2.absdiff(forged, ref))
+        # a fitted colour shift is applied through a rounded table: +-1 level remains
+        threshold = p.threshold_lossless if shift == 0 else max(p.threshold_lossless, 1.5)
+        changed = cv2.compare(diff, threshold, cv2.CMP_GT)
+        evidence = changed
+        noise = 0.0
+    else:
+        exact = kind == "jpeg" and _identical_blocks(forged, ref) >= 0.75
+        if not exact:  # another encoder, or an unknown lossy codec
+            kind = "lossy"
+        a, b = ref, forged
+        if p.prefilter:  # JPEG error is high-frequency: a 3x3 Gaussian halves it
+            a, b = cv2.GaussianBlur(ref, (3, 3), 0), cv2.GaussianBlur(forged, (3, 3), 0)
         diff = _channel_max(cv2.absdiff(b, a))
-        noise = _median_u8(_sub(diff, step))
-    else:
-        a = original
-        diff = _channel_max(cv2.absdiff(forged, original))
-    if lossy:
-        threshold = max(p.threshold_min, p.noise_factor * noise)
-    else:
-        threshold = p.threshold_lossless
-    # local contrast of the original, max over channels: JPEG error grows near edges
-    contrast = _channel_max(cv2.morphologyEx(a, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)))
-    limit = cv2.convertScaleAbs(contrast, alpha=p.texture_factor, beta=threshold)
-    changed = cv2.compare(diff, limit, cv2.CMP_GT)  # 0/255
+        if exact:
+            # outside the edit's own blocks nothing differs: only the edit's codec echo
+            # (ringing, chroma subsampling) is left to tell from the edit
+            noise = 0.0
+            threshold, texture = p.exact_threshold, p.exact_texture
+            relative, block = p.relative, p.exact_block
+        else:
+            noise = min(_median_u8(_sub(diff, step)), p.max_noise)
+            threshold = max(p.threshold_min, p.noise_factor * noise)
+            texture, relative, block = p.texture_factor, p.relative_lossy, p.block
+        # local contrast of the original, max over channels: JPEG error grows near edges
+        contrast = _channel_max(cv2.morphologyEx(a, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)))
+        limit = cv2.convertScaleAbs(contrast, alpha=texture, beta=threshold)
+        if relative > 0:
+            # a strong edit spreads into its neighbours (chroma subsampling, ringing)
+            kr = 2 * p.relative_reach + 1
+            strongest = cv2.dilate(diff, cv2.getStructuringElement(cv2.MORPH_RECT, (kr, kr)))
+            limit = cv2.max(limit, cv2.convertScaleAbs(strongest, alpha=relative))
+        changed = cv2.compare(diff, limit, cv2.CMP_GT)
+        # codec noise is sparse at the scale of its blocks; an edit is dense
+        k = 2 * block + 1
+        dense = cv2.compare(cv2.blur(changed, (k, k)), p.density * 255.0, cv2.CMP_GT)
+        evidence = cv2.bitwise_and(changed, dense)
     n_changed = cv2.countNonZero(changed)
-
-    # region level, at the working resolution: an integer reduction, so INTER_AREA takes its
-    # fast path; the rows and columns past the last whole block are cropped, then replicated
-    f = max(1, min(int(np.sqrt(h * w / p.work_pixels) + 0.5), h, w))
-    hs, ws = max(1, h // f), max(1, w // f)
-    dens = changed if f == 1 else cv2.resize(changed[: hs * f, : ws * f], (ws, hs),
-                                             interpolation=cv2.INTER_AREA)
-    side = min(ws, hs)
-    k = _odd(p.window * side)
-    local = cv2.blur(dens, (k, k)) if k > 1 else dens
-    region = cv2.compare(local, p.density * 255.0, cv2.CMP_GT)
-    r = max(1, round(p.close_radius * side))
-    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-    region = cv2.morphologyEx(region, cv2.MORPH_CLOSE, disk)
-    region = _clean(region, p.min_component * ws * hs, p.max_hole * ws * hs)
-
-    n_in = cv2.countNonZero(region)
-    if n_in:
-        total = cv2.sumElems(dens)[0]
-        ev_in = cv2.sumElems(cv2.bitwise_and(dens, region))[0]
-        purity = ev_in / total if total else 0.0
-        coverage = min(1.0, ev_in / (255.0 * n_in) / 0.5)
-        quality = float(np.clip(purity * coverage, 0.0, 1.0))
+    cover = _cover(evidence, p)
+    regenerated = cover >= p.full_cover and n_changed > 0
+    if regenerated:
+        mask = np.ones((h, w), bool)
+    else:
+        m = _regions(evidence, p, lossless=kind == "lossless")
+        if kind == "lossless":  # every changed pixel belongs to the mask
+            m = cv2.bitwise_or(m, changed)
+        mask = m > 0
+    n_mask = int(np.count_nonzero(mask))
+    if n_mask and n_changed:
+        inside = n_changed if regenerated or kind == "lossless" else cv2.countNonZero(
+            cv2.bitwise_and(changed, mask.view(np.uint8)))
+        quality = float(np.clip(inside / n_changed * min(1.0, inside / n_mask / 0.5), 0, 1))
     else:
         quality = 0.0
-    if f > 1:
-        up = cv2.resize(region, (ws * f, hs * f), interpolation=cv2.INTER_LINEAR)
-        if up.shape != (h, w):
-            up = cv2.copyMakeBorder(up, 0, h - hs * f, 0, w - ws * f, cv2.BORDER_REPLICATE)
-        mask = up > 127
-    else:
-        mask = region > 0
     return Derivation(
         mask=mask,
         diff=diff,
         threshold=float(threshold),
-        noise=noise,
+        noise=float(noise),
         changed=n_changed / (h * w),
         quality=quality,
         colour_shift=shift,
+        changed_pixels=n_changed,
+        codec=kind,
+        cover=cover,
+        regenerated=regenerated,
     )
 
 
-def _clean(region: np.ndarray, min_area: float, max_hole: float) -> np.ndarray:
-    """Drops components smaller than `min_area` and fills holes up to `max_hole` pixels.
+_TILES = 16  # tiles on the shorter side for the whole-frame test
+
+
+def _identical_blocks(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of 8 x 8 blocks (JPEG's) in which `a` and `b` are bit-identical."""
+    h, w = a.shape[:2]
+    d = _channel_max(cv2.absdiff(a, b))
+    hb, wb = h // 8, w // 8
+    if not hb or not wb:
+        return 0.0
+    # a block is identical when its largest difference is zero: max-pool by dilation
+    big = cv2.dilate(d[: hb * 8, : wb * 8], np.ones((8, 8), np.uint8), anchor=(0, 0))
+    return float(np.count_nonzero(big[::8, ::8] == 0)) / (hb * wb)
+
+
+def _reduce(m: np.ndarray, f: int) -> np.ndarray:
+    """Mean of `m` (0/255) over f x f cells, the partial last row/column included."""
+    if f == 1:
+        return m
+    h, w = m.shape
+    hs, ws = -(-h // f), -(-w // f)
+    if (hs * f, ws * f) != (h, w):
+        m = cv2.copyMakeBorder(m, 0, hs * f - h, 0, ws * f - w, cv2.BORDER_REPLICATE)
+    return cv2.resize(m, (ws, hs), interpolation=cv2.INTER_AREA)
+
+
+def _cover(evidence: np.ndarray, p: MasksParams) -> float:
+    """Share of tiles (16 on the shorter side) in which `density` of the pixels changed."""
+    h, w = evidence.shape
+    t = max(1, min(h, w) // _TILES)
+    th, tw = max(1, round(h / t)), max(1, round(w / t))
+    # an integer reduction first (OpenCV's fast path), then to the tile grid
+    coarse = _reduce(evidence, max(1, t // 8))
+    tiles = cv2.resize(coarse, (tw, th), interpolation=cv2.INTER_AREA)
+    return float(np.count_nonzero(tiles > p.density * 255.0)) / tiles.size
+
+
+def _regions(evidence: np.ndarray, p: MasksParams, lossless: bool) -> np.ndarray:
+    """Region clean-up at full resolution, inside the box around the changed pixels: a
+    small closing (gaps a codec leaves in an edit), holes filled up to `max_hole` of their
+    region's area and, for lossy codecs, regions below `min_component` of the largest one
+    dropped. Every size is in pixels or relative to a region, never to the image."""
+    h, w = evidence.shape
+    out = np.zeros((h, w), np.uint8)
+    x, y, bw, bh = cv2.boundingRect(evidence)
+    if not bw or not bh:
+        return out
+    r = p.close_px_lossless if lossless else p.close_px
+    pad = r + 2
+    x0, y0, x1, y1 = max(0, x - pad), max(0, y - pad), min(w, x + bw + pad), min(h, y + bh + pad)
+    region = evidence[y0:y1, x0:x1]
+    if r >= 1:
+        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+        region = cv2.morphologyEx(region, cv2.MORPH_CLOSE, disk)
+    out[y0:y1, x0:x1] = _clean(region, 0.0 if lossless else p.min_component, p.max_hole)
+    return out
+
+
+def _clean(region: np.ndarray, min_component: float, max_hole: float) -> np.ndarray:
+    """Drops regions smaller than `min_component` x the largest region and fills each hole
+    up to `max_hole` x the area of the region around it (0/255 map in, 0/255 map out).
 
     One contour pass (outer boundaries and holes, 8- and 4-connected like the components they
     bound) instead of two labelings: it is tens of times faster on a mostly empty map.
-    Small components go first, so an island inside a small hole ends up filled, not dropped.
+    Small regions go first, so an island inside a small hole ends up filled, not dropped.
     """
-    if min_area < 1 and max_hole < 1:
+    if min_component <= 0 and max_hole <= 0:
         return region
     contours, hierarchy = cv2.findContours(region, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
@@ -303,12 +486,17 @@ def _clean(region: np.ndarray, min_area: float, max_hole: float) -> np.ndarray:
     parent = hierarchy[0][:, 3]
     # a contour's polygon area misses half its boundary pixels; add them back
     area = np.array([cv2.contourArea(c) + 0.5 * cv2.arcLength(c, True) + 1 for c in contours])
-    small = [c for c, a, q in zip(contours, area, parent) if q < 0 and a < min_area]
-    if small:
-        cv2.drawContours(out, small, -1, 0, thickness=cv2.FILLED)
-    holes = [c for c, a, q in zip(contours, area, parent) if q >= 0 and a <= max_hole]
-    if holes:
-        cv2.drawContours(out, holes, -1, 255, thickness=cv2.FILLED)
+    outer = parent < 0
+    if min_component > 0:
+        least = min_component * area[outer].max()
+        small = [c for c, a, o in zip(contours, area, outer) if o and a < least]
+        if small:
+            cv2.drawContours(out, small, -1, 0, thickness=cv2.FILLED)
+    if max_hole > 0:
+        holes = [c for c, a, q in zip(contours, area, parent)
+                 if q >= 0 and a <= max_hole * area[q]]
+        if holes:
+            cv2.drawContours(out, holes, -1, 255, thickness=cv2.FILLED)
     return out
 
 
