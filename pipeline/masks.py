@@ -2,27 +2,46 @@
 
 Diffusers edits change pixels outside the requested region, instruction edits have no region
 at all and `pairs` sources come with none, so the edited region is derived by differencing
-the forged image against its original:
+the forged file against its original (`derive`, `derive_mask`). A mask is what changed:
 
-1. a small global colour shift between the two is fitted (per-channel gain and offset on a
-   subsample, robust to the edit) and removed from the original with a lookup table;
-2. the per-pixel change is the largest absolute channel difference; a pixel counts as changed
-   when it exceeds a threshold that rises with the noise floor (the median change, which is
-   zero for a lossless save and a few levels after JPEG) and with the local contrast of the
-   original (JPEG errors concentrate on edges);
-3. region-level clean-up on a working resolution of about `work_pixels` (an integer
-   reduction): the local density of changed pixels, closing, hole filling and small-component
-   removal (one contour pass), every size a fraction of the image's shorter side or area; the
-   result is scaled back to H x W.
+1. **What counts as a change depends on the forged file's codec** (`codec_of`).
+   - Lossless (PNG, BMP, TIFF, lossless WebP): any change (> `threshold_lossless`, 0.5
+     levels of the largest channel difference; 1.5 after a fitted global colour shift,
+     whose lookup table rounds). Every changed pixel belongs to the mask.
+   - JPEG: the original is re-encoded with the forged file's own quantisation tables and
+     chroma subsampling (its *twin*). A forgery made from the original's pixels and saved
+     that way equals its twin bit for bit in every block the edit did not touch. When at
+     least 3/4 of the 8 x 8 blocks are identical the twin is *exact*: outside the edit's
+     blocks nothing differs, and inside them a change counts above `exact_threshold` plus
+     `exact_texture` x local contrast, unless it is below `relative` x the strongest change
+     within `relative_reach` pixels (the edit's own echo through chroma subsampling and
+     ringing).
+   - Otherwise (another encoder, an unknown lossy codec) the noise is the median change,
+     capped at `max_noise` and, with a twin, at `noise_factor` x a first JPEG encoding's
+     own error on this image, so a change everywhere is never taken for noise; a change
+     counts above max(`threshold_min`, `noise_factor` x noise) + `texture_factor` x local
+     contrast, with `relative_lossy`.
+   Lossy differences are taken after a 3 x 3 Gaussian on both images (halves JPEG noise),
+   and a changed pixel is evidence where `density` of its block-sized window changed
+   (codec noise is sparse, an edit dense).
+2. **The whole frame**: when `full_cover` of the tiles (16 on the shorter side) changed
+   beyond the codec's noise, the image was regenerated (instruction editing, img2img, a
+   VAE round trip): its mask is full (`mask_source: full`), or, with `regenerated:
+   reject`, the row gets status `regenerated`. A local edit with a requested region that
+   changed the whole frame is `edit_leaked`.
+3. **Regions**, at full resolution inside the box around the evidence: a closing of
+   `close_px` pixels (gaps a codec leaves in an edit), holes filled up to `max_hole` of their
+   region's area, lossy regions below `min_component` of the largest dropped. No size is a
+   fraction of the image: one word changed on a 5000 x 7000 scan keeps its pixels.
 
-Everything per pixel is a uint8 OpenCV op (absdiff, channel max, compare); nothing is float
-at full resolution, so a 1 MP JPEG pair takes about 10 ms on one core (bench/bench_masks.py).
+Per-pixel work runs in cache-sized horizontal strips of uint8 OpenCV calls; nothing is
+float at full resolution (bench/bench_masks.py).
 
 `mask_quality` in [0, 1] is purity x coverage: purity is the share of all changed pixels
 that fall inside the mask (low when changes are scattered over the image), coverage is the
 share of mask pixels that are changed, saturating at one half (low for a region that is
-mostly filled in by the clean-up). Quality filters record a reason in `status`; rejected
-rows stay in the manifest.
+mostly filled in by the clean-up). Quality filters record a reason in `status`, with what
+was measured; rejected rows stay in the manifest.
 """
 
 from __future__ import annotations
