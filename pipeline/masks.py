@@ -51,6 +51,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -199,6 +200,51 @@ def _channel_max(img: np.ndarray, dst: np.ndarray | None = None) -> np.ndarray:
     return cv2.max(cv2.max(c[0], c[1]), c[2], dst=dst)
 
 
+def _encode_mask(mask: np.ndarray) -> bytes:
+    """A 0/255 single-channel PNG like `imageio.encode_mask`, run-length coded: masks are
+    long runs, and zlib's default search costs 4x as much at 108 MP for the same size."""
+    m = cv2.compare(np.ascontiguousarray(mask).view(np.uint8), 0, cv2.CMP_GT)
+    ok, buf = cv2.imencode(".png", m, [cv2.IMWRITE_PNG_COMPRESSION, 1,
+                                       cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
+    if not ok:
+        return encode_mask(mask)
+    return buf.tobytes()
+
+
+_JPEG_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+
+
+@cache
+def _same_jpeg_decoder() -> bool:
+    """Whether OpenCV decodes JPEGs to exactly the pixels Pillow gives (`imageio.decode`,
+    what the forgeries were made from): checked once per process on 4:4:4, 4:2:2, 4:2:0 and
+    progressive encodings of a photo-like pattern."""
+    yy, xx = np.mgrid[0:67, 0:93].astype(np.float32)
+    img = np.stack([128 + 100 * np.sin(xx / 5 + yy / 9), 128 + 90 * np.cos(xx / 7),
+                    128 + 80 * np.sin(yy / 4)], -1).astype(np.uint8)
+    for kw in ({"subsampling": 0}, {"subsampling": 1}, {"subsampling": 2},
+               {"subsampling": 2, "progressive": True}):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=87, **kw)
+        ours = cv2.imdecode(np.frombuffer(buf.getbuffer(), np.uint8), _JPEG_FLAGS)
+        if ours is None or not np.array_equal(ours, decode(buf.getvalue())):
+            return False
+    return True
+
+
+def _decode(data: bytes) -> np.ndarray:
+    """`imageio.decode`, with colour JPEGs decoded by OpenCV when it gives the same pixels
+    (a third less time, and no copies through Pillow)."""
+    if data[:3] == b"\xff\xd8\xff" and _same_jpeg_decoder():
+        with Image.open(io.BytesIO(data)) as im:
+            plain = im.mode == "RGB" and "adobe_transform" not in im.info
+        if plain:
+            out = cv2.imdecode(np.frombuffer(data, np.uint8), _JPEG_FLAGS)
+            if out is not None:
+                return out
+    return decode(data)
+
+
 # --------------------------------------------------------------------------- codecs
 
 
@@ -208,7 +254,26 @@ class Codec:
 
     kind: str  # lossless | jpeg | lossy (a lossy codec this stage cannot reproduce)
     twin: np.ndarray | None = None  # jpeg: the original encoded with the forgery's tables
-    noise: float | None = None  # jpeg: median error of a first encoding with those tables
+    settings: dict[str, Any] | None = None  # jpeg: mode, qtables, subsampling
+    original: np.ndarray | None = None  # jpeg: for `noise`
+
+    @property
+    def noise(self) -> float | None:
+        """jpeg: the median error (after a 3 x 3 Gaussian) of a first encoding with these
+        tables: a crop of the original off the block grid by (3, 5) pixels, so its blocks
+        are not already quantised. The edit's blocks are encoded for the first time."""
+        if self.kind != "jpeg" or self.original is None or self.settings is None:
+            return None
+        h, w = self.original.shape[:2]
+        ch, cw = min(h - 3, 256), min(w - 5, 256)
+        if ch < 16 or cw < 16:
+            return None
+        y0 = min((h - ch) // 2 // 16 * 16 + 3, h - ch)
+        x0 = min((w - cw) // 2 // 16 * 16 + 5, w - cw)
+        crop = np.ascontiguousarray(self.original[y0 : y0 + ch, x0 : x0 + cw])
+        fresh = _jpeg_round_trip(crop, self.settings)
+        return _median_u8(_channel_max(cv2.absdiff(cv2.GaussianBlur(fresh, (3, 3), 0),
+                                                   cv2.GaussianBlur(crop, (3, 3), 0))))
 
 
 _LOSSLESS = {"PNG", "BMP", "PPM", "TGA", "QOI"}
@@ -237,33 +302,25 @@ def codec_of(original: np.ndarray, forged_bytes: bytes, twin: bool = True) -> Co
         mode = im.mode
     if not tables or (mode == "RGB" and sampling < 0):
         return Codec("lossy")
-    kw: dict[str, Any] = {"qtables": tables}
+    settings: dict[str, Any] = {"mode": mode, "qtables": tables}
     if mode == "RGB":
-        kw["subsampling"] = sampling
-    twin_img = _jpeg_round_trip(original, mode, kw)
-    # the noise of a first encoding (the edit's blocks are encoded for the first time):
-    # a shifted crop of the original, so its blocks are not already quantised
-    h, w = original.shape[:2]
-    ch, cw = min(h - 5, 512), min(w - 3, 512)
-    noise = None
-    if ch >= 16 and cw >= 16:
-        y0 = (h - ch) // 2 // 16 * 16 + 3  # off the block grid by 3 and 5 pixels
-        x0 = (w - cw) // 2 // 16 * 16 + 5
-        y0, x0 = min(y0, h - ch), min(x0, w - cw)
-        crop = np.ascontiguousarray(original[y0 : y0 + ch, x0 : x0 + cw])
-        fresh = _jpeg_round_trip(crop, mode, kw)
-        noise = _median_u8(_channel_max(cv2.absdiff(cv2.GaussianBlur(fresh, (3, 3), 0),
-                                                    cv2.GaussianBlur(crop, (3, 3), 0))))
-    return Codec("jpeg", twin_img, noise)
+        settings["subsampling"] = sampling
+    return Codec("jpeg", _jpeg_round_trip(original, settings), settings, original)
 
 
-def _jpeg_round_trip(img: np.ndarray, mode: str, kw: dict[str, Any]) -> np.ndarray:
+def _jpeg_round_trip(img: np.ndarray, settings: dict[str, Any]) -> np.ndarray:
+    """`img` encoded by Pillow with `settings` and decoded by OpenCV (the same
+    libjpeg-turbo, a third of Pillow's decoding time); RGB uint8."""
+    kw = {k: v for k, v in settings.items() if k != "mode"}
     im = Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8), "RGB")
-    if mode == "L":
+    if settings["mode"] == "L":
         im = im.convert("L")
     buf = io.BytesIO()
     im.save(buf, "JPEG", **kw)
-    return decode(buf.getvalue())
+    data = np.frombuffer(buf.getbuffer(), np.uint8)
+    if settings["mode"] == "L":
+        return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_GRAYSCALE), cv2.COLOR_GRAY2RGB)
+    return cv2.imdecode(data, cv2.IMREAD_COLOR_RGB)
 
 
 # --------------------------------------------------------------------------- derivation
@@ -337,7 +394,7 @@ def derive(original: np.ndarray, forged_bytes: bytes, p: MasksParams | None = No
     """The edited region of the forged file `forged_bytes` relative to the `original` pixels
     (H x W x 3 uint8), using what the file says about its codec (see `codec_of`)."""
     p = p or MasksParams()
-    forged = decode(forged_bytes)
+    forged = _decode(forged_bytes)
     if forged.shape != original.shape:
         raise ValueError(f"original {original.shape} and forged {forged.shape} differ in size")
     return derive_mask(original, forged, p, codec_of(original, forged_bytes, p.codec_twin))
@@ -368,8 +425,7 @@ def derive_mask(
     table, shift = None, 0.0
     if p.colour_correction:
         table, shift = colour_table(ref, forged, p.max_colour_shift)
-    maps = _pixel_maps(ref, forged, table, lossy=kind != "lossless" and p.prefilter)
-    raw = maps.raw
+    raw = _raw_diff(ref, forged, table)
     step = max(1, int(np.sqrt(h * w / 65536)))
     if kind == "unknown":
         kind = "lossless" if _median_u8(_sub(raw, step)) < 1 else "lossy"
@@ -385,34 +441,51 @@ def derive_mask(
         exact = kind == "jpeg" and _identical_blocks(raw) >= 0.75
         if not exact:  # another encoder, or an unknown lossy codec
             kind = "lossy"
-        diff = maps.pre if maps.pre is not None else raw
-        contrast = maps.contrast if maps.contrast is not None else _contrast(ref)
         if exact:
             # outside the edit's own blocks nothing differs: only the edit's codec echo
-            # (ringing, chroma subsampling) is left to tell from the edit
+            # (ringing, chroma subsampling) is left to tell from the edit, in the box
+            # around the blocks that differ
             noise = 0.0
             threshold, texture = p.exact_threshold, p.exact_texture
             relative, block = p.relative, p.exact_block
+            x, y, bw, bh = cv2.boundingRect(raw)
         else:
+            x, y, bw, bh = 0, 0, w, h
+            threshold = texture = relative = 0.0
+            block = p.block
+        diff = np.zeros((h, w), np.uint8)
+        contrast = np.zeros((h, w), np.uint8)
+        m = 2 * max(p.relative_reach, block) + 4  # the reach of the neighbourhoods below
+        x0, y0, x1, y1 = max(0, x - m), max(0, y - m), min(w, x + bw + m), min(h, y + bh + m)
+        win = (slice(y0, y1), slice(x0, x1))
+        if bw and bh:
+            _lossy_maps(ref[win], forged[win], table, p.prefilter, diff[win], contrast[win])
+        if not exact:
             noise = min(_median_u8(_sub(diff, step)), p.max_noise)
-            if codec is not None and codec.noise is not None:
+            if codec is not None and codec.kind == "jpeg":
                 # another encoder with the same tables differs from the twin by less than
                 # twice a first encoding's error; a larger median change is an edit
-                noise = min(noise, max(1.0, p.noise_factor * codec.noise))
+                first = codec.noise
+                if first is not None:
+                    noise = min(noise, max(1.0, p.noise_factor * first))
             threshold = max(p.threshold_min, p.noise_factor * noise)
-            texture, relative, block = p.texture_factor, p.relative_lossy, p.block
-        # JPEG error grows with the local contrast of the original
-        limit = cv2.convertScaleAbs(contrast, alpha=texture, beta=threshold)
-        if relative > 0:
-            # a strong edit spreads into its neighbours (chroma subsampling, ringing)
-            kr = 2 * p.relative_reach + 1
-            strongest = cv2.dilate(diff, cv2.getStructuringElement(cv2.MORPH_RECT, (kr, kr)))
-            cv2.max(limit, cv2.convertScaleAbs(strongest, alpha=relative), dst=limit)
-        changed = cv2.compare(diff, limit, cv2.CMP_GT)
-        # codec noise is sparse at the scale of its blocks; an edit is dense
-        k = 2 * block + 1
-        dense = cv2.compare(cv2.blur(changed, (k, k)), p.density * 255.0, cv2.CMP_GT)
-        evidence = cv2.bitwise_and(changed, dense)
+            texture, relative = p.texture_factor, p.relative_lossy
+        changed = np.zeros((h, w), np.uint8)
+        evidence = np.zeros((h, w), np.uint8)
+        if bw and bh:
+            d = diff[win]
+            # JPEG error grows with the local contrast of the original
+            limit = cv2.convertScaleAbs(contrast[win], alpha=texture, beta=threshold)
+            if relative > 0:
+                # a strong edit spreads into its neighbours (chroma subsampling, ringing)
+                kr = 2 * p.relative_reach + 1
+                strongest = cv2.dilate(d, cv2.getStructuringElement(cv2.MORPH_RECT, (kr, kr)))
+                cv2.max(limit, cv2.convertScaleAbs(strongest, alpha=relative), dst=limit)
+            cv2.compare(d, limit, cv2.CMP_GT, dst=changed[win])
+            # codec noise is sparse at the scale of its blocks; an edit is dense
+            k = 2 * block + 1
+            dense = cv2.compare(cv2.blur(changed[win], (k, k)), p.density * 255.0, cv2.CMP_GT)
+            cv2.bitwise_and(changed[win], dense, dst=evidence[win])
     n_changed = cv2.countNonZero(changed)
     cover = _cover(evidence, p)
     regenerated = cover >= p.full_cover and n_changed > 0
@@ -448,43 +521,41 @@ def derive_mask(
 _STRIP = 1 << 17  # pixels per strip of the per-pixel pass: its arrays stay in cache
 
 
-@dataclass
-class _Maps:
-    raw: np.ndarray  # largest channel difference
-    pre: np.ndarray | None  # the same after a 3x3 Gaussian on both images
-    contrast: np.ndarray | None  # local contrast (3x3 morphological gradient) of the reference
+def _rows(h: int, w: int) -> int:
+    return max(8, _STRIP // max(1, w) // 8 * 8)
 
 
-def _pixel_maps(ref: np.ndarray, forged: np.ndarray, table: np.ndarray | None,
-                lossy: bool) -> _Maps:
-    """Every per-pixel map in one pass of horizontal strips (a 35 MP pair runs 5x faster
-    than whole-image calls, whose working set does not fit in cache); the colour table is
-    applied strip by strip, so no corrected copy of the image is made."""
+def _raw_diff(ref: np.ndarray, forged: np.ndarray, table: np.ndarray | None) -> np.ndarray:
+    """Largest channel difference, in strips; the colour table is applied strip by strip,
+    so no corrected copy of the image is made."""
     h, w = forged.shape[:2]
     raw = np.empty((h, w), np.uint8)
-    pre = np.empty((h, w), np.uint8) if lossy else None
-    contrast = np.empty((h, w), np.uint8) if lossy else None
-    rows = max(8, _STRIP // max(1, w) // 8 * 8)
+    rows = _rows(h, w)
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
+        r = ref[y0:y1] if table is None else cv2.LUT(ref[y0:y1], table)
+        _channel_max(cv2.absdiff(forged[y0:y1], r), dst=raw[y0:y1])
+    return raw
+
+
+def _lossy_maps(ref: np.ndarray, forged: np.ndarray, table: np.ndarray | None,
+                prefilter: bool, diff: np.ndarray, contrast: np.ndarray) -> None:
+    """Into `diff` the largest channel difference after a 3 x 3 Gaussian on both images
+    (halves JPEG noise), into `contrast` the reference's local contrast (3 x 3 gradient);
+    in strips with two rows of margin for the neighbourhoods."""
+    h, w = forged.shape[:2]
+    rows = _rows(h, w)
     kernel = np.ones((3, 3), np.uint8)
     for y0 in range(0, h, rows):
         y1 = min(h, y0 + rows)
-        # one row of margin for the 3x3 neighbourhoods; OpenCV reflects at the image edge
         m0, m1 = max(0, y0 - 2), min(h, y1 + 2)
+        i0, i1 = y0 - m0, y1 - m0
         r = ref[m0:m1] if table is None else cv2.LUT(ref[m0:m1], table)
         f = forged[m0:m1]
-        i0, i1 = y0 - m0, y0 - m0 + (y1 - y0)
-        _channel_max(cv2.absdiff(f[i0:i1], r[i0:i1]), dst=raw[y0:y1])
-        if lossy:
-            a = cv2.GaussianBlur(r, (3, 3), 0)
-            b = cv2.GaussianBlur(f, (3, 3), 0)
-            _channel_max(cv2.absdiff(a, b)[i0:i1], dst=pre[y0:y1])
-            g = cv2.morphologyEx(a, cv2.MORPH_GRADIENT, kernel)
-            _channel_max(g[i0:i1], dst=contrast[y0:y1])
-    return _Maps(raw, pre, contrast)
-
-
-def _contrast(ref: np.ndarray) -> np.ndarray:
-    return _channel_max(cv2.morphologyEx(ref, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)))
+        if prefilter:
+            r, f = cv2.GaussianBlur(r, (3, 3), 0), cv2.GaussianBlur(f, (3, 3), 0)
+        _channel_max(cv2.absdiff(r, f)[i0:i1], dst=diff[y0:y1])
+        _channel_max(cv2.morphologyEx(r, cv2.MORPH_GRADIENT, kernel)[i0:i1], dst=contrast[y0:y1])
 
 
 _TILES = 16  # tiles on the shorter side for the whole-frame test
@@ -502,14 +573,23 @@ def _identical_blocks(raw: np.ndarray) -> float:
 
 
 def _reduce(m: np.ndarray, f: int) -> np.ndarray:
-    """Mean of `m` (0/255) over f x f cells, the partial last row/column included."""
+    """Mean of `m` (0/255) over f x f cells, the partial last row/column of cells included
+    (only those are padded: no copy of a full-size map)."""
     if f == 1:
         return m
     h, w = m.shape
-    hs, ws = -(-h // f), -(-w // f)
-    if (hs * f, ws * f) != (h, w):
-        m = cv2.copyMakeBorder(m, 0, hs * f - h, 0, ws * f - w, cv2.BORDER_REPLICATE)
-    return cv2.resize(m, (ws, hs), interpolation=cv2.INTER_AREA)
+    hs, ws = h // f, w // f
+    out = np.empty((-(-h // f), -(-w // f)), np.uint8)
+    if hs and ws:
+        out[:hs, :ws] = cv2.resize(m[: hs * f, : ws * f], (ws, hs), interpolation=cv2.INTER_AREA)
+    if h % f:
+        strip = cv2.copyMakeBorder(m[hs * f :], 0, f - h % f, 0, -w % f, cv2.BORDER_REPLICATE)
+        out[hs:] = cv2.resize(strip, (out.shape[1], 1), interpolation=cv2.INTER_AREA)
+    if w % f and hs:
+        strip = cv2.copyMakeBorder(m[: hs * f, ws * f :], 0, 0, 0, f - w % f,
+                                   cv2.BORDER_REPLICATE)
+        out[:hs, ws:] = cv2.resize(strip, (1, hs), interpolation=cv2.INTER_AREA)
+    return out
 
 
 def _cover(evidence: np.ndarray, p: MasksParams) -> float:
@@ -702,9 +782,9 @@ class _Worker:
     def derived(self, r: Record) -> Record:
         p = self.p
         try:
-            original = decode(self._read(r.parent_blob))
+            original = _decode(self._read(r.parent_blob))
             forged_bytes = self._read(r.blob)
-            forged = decode(forged_bytes)
+            forged = _decode(forged_bytes)
         except Exception as e:  # noqa: BLE001
             return _reject(r, "unreadable", f"{type(e).__name__}: {e}")
         if original.shape != forged.shape:
@@ -720,7 +800,7 @@ class _Worker:
         del forged_bytes
         h, w = forged.shape[:2]
         rel_mask = _rel(self.out / "masks" / f"{r.key}.png", self.data)
-        write_bytes(self.data / rel_mask, encode_mask(d.mask))
+        write_bytes(self.data / rel_mask, _encode_mask(d.mask))
         changes: dict[str, Any] = {
             "mask_blob": rel_mask,
             "mask_source": "full" if d.regenerated else "derived",
