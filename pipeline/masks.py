@@ -108,7 +108,7 @@ class MasksParams:
     colour_correction: bool = True  # fit and remove a small global colour shift first
     max_colour_shift: float = 24.0  # levels; a larger fitted shift is not applied
     # region clean-up, in pixels of the image or fractions of each region's own size
-    close_px: int = 3  # lossy: closing radius (gaps the codec left in an edit)
+    close_px: int = 5  # lossy: closing radius (gaps the codec left in an edit)
     close_px_lossless: int = 1
     max_hole: float = 0.25  # holes up to this fraction of their region's area are filled
     min_component: float = 0.02  # lossy: regions below this fraction of the largest dropped
