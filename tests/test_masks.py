@@ -64,6 +64,7 @@ def _worst(ious: dict[str, float]) -> str:
 # --------------------------------------------------------------------------- the cases
 
 
+@pytest.mark.slow
 def test_cases_truth_is_the_edit(tune, heldout):
     # the cases' own truth: a lossless forgery differs from its original inside the truth
     # only, and every edit is visible; the held-out set has images of its own
@@ -91,6 +92,7 @@ def test_jpeg_cases_keep_their_sources_subsampling(heldout):
 # --------------------------------------------------------------------------- accuracy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["tune", "heldout"])
 def test_lossless_masks_hold_every_changed_pixel(which, tune, heldout):
     cases = [c for c in (tune if which == "tune" else heldout) if c.codec == "png"]
@@ -104,6 +106,7 @@ def test_lossless_masks_hold_every_changed_pixel(which, tune, heldout):
     assert _mean(ious) >= 0.98, f"mean IoU {_mean(ious):.3f}; worst: {_worst(ious)}"
 
 
+@pytest.mark.slow
 def test_jpeg90_accuracy_heldout(heldout):
     ious = _ious(heldout, "jpeg90")
     assert _mean(ious) >= 0.85, f"mean IoU {_mean(ious):.3f}; worst: {_worst(ious)}"
@@ -113,6 +116,7 @@ def test_jpeg90_accuracy_heldout(heldout):
     assert _mean(strong) >= 0.9, _worst(strong)
 
 
+@pytest.mark.slow
 def test_casia_like_accuracy_heldout(heldout):
     # another encoder: the twin is not exact and the noisy path decides
     ious = _ious(heldout, "casia")
@@ -124,6 +128,7 @@ def test_casia_like_accuracy_heldout(heldout):
             assert derive(c.original, c.forged_bytes).codec in ("lossy", "jpeg")
 
 
+@pytest.mark.slow
 def test_jpeg90_accuracy_tune(tune):
     ious = _ious(tune, "jpeg90")
     assert _mean(ious) >= 0.88, f"mean IoU {_mean(ious):.3f}; worst: {_worst(ious)}"
