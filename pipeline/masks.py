@@ -15,7 +15,8 @@ the forged file against its original (`derive`, `derive_mask`). A mask is what c
      blocks nothing differs, and inside them a change counts above `exact_threshold` plus
      `exact_texture` x local contrast, unless it is below `relative` x the strongest change
      within `relative_reach` pixels (the edit's own echo through chroma subsampling and
-     ringing).
+     ringing); a block whose neighbours up to `interior_blocks` blocks away all differ is
+     inside the edit however little it changed (weak edits: inpainting, retouching).
    - Otherwise (another encoder, an unknown lossy codec) the noise is the median change,
      capped at `max_noise` and, with a twin, at `noise_factor` x a first JPEG encoding's
      own error on this image, so a change everywhere is never taken for noise; a change
@@ -95,6 +96,7 @@ class MasksParams:
     exact_block: int = 3  # evidence window half-size, pixels
     relative: float = 0.4  # a change below this x the strongest one within relative_reach px
     relative_reach: int = 1  # is that change's codec echo (chroma subsampling, ringing)
+    interior_blocks: int = 3  # a block is inside the edit when all blocks this far differ
     # other lossy codecs (and JPEG from another encoder)
     threshold_min: float = 3.0  # never count a change below this
     noise_factor: float = 2.0  # threshold >= noise_factor x the noise (median change)
@@ -138,8 +140,8 @@ class MasksParams:
             v = getattr(self, name)
             if v < 0:
                 raise ValueError(f"masks.{name}: {v!r} is not allowed; allowed: >= 0")
-        pixels = ("exact_block", "relative_reach", "block", "close_px", "close_px_lossless",
-                  "min_changed_pixels", "min_pixels")
+        pixels = ("exact_block", "relative_reach", "interior_blocks", "block", "close_px",
+                  "close_px_lossless", "min_changed_pixels", "min_pixels")
         for name in pixels:
             v = getattr(self, name)
             if v < 0:
@@ -486,6 +488,10 @@ def derive_mask(
             k = 2 * block + 1
             dense = cv2.compare(cv2.blur(changed[win], (k, k)), p.density * 255.0, cv2.CMP_GT)
             cv2.bitwise_and(changed[win], dense, dst=evidence[win])
+        if exact and p.interior_blocks > 0:
+            # weak edits: blocks deep inside the differing ones are the edit's, however
+            # little they changed
+            evidence = cv2.bitwise_or(evidence, _interior(raw, p.interior_blocks))
     n_changed = cv2.countNonZero(changed)
     cover = _cover(evidence, p)
     regenerated = cover >= p.full_cover and n_changed > 0
@@ -496,11 +502,14 @@ def derive_mask(
         if kind == "lossless":  # every changed pixel belongs to the mask
             cv2.bitwise_or(m, changed, dst=m)
         mask = m > 0
+    # purity: the share of the evidence inside the mask; coverage: the share of the mask
+    # that is evidence, saturating at one half
     n_mask = int(np.count_nonzero(mask))
-    if n_mask and n_changed:
-        inside = n_changed if regenerated or kind == "lossless" else cv2.countNonZero(
-            cv2.bitwise_and(changed, mask.view(np.uint8)))
-        quality = float(np.clip(inside / n_changed * min(1.0, inside / n_mask / 0.5), 0, 1))
+    n_evidence = cv2.countNonZero(evidence)
+    if n_mask and n_evidence:
+        inside = n_evidence if regenerated or kind == "lossless" else cv2.countNonZero(
+            cv2.bitwise_and(evidence, mask.view(np.uint8)))
+        quality = float(np.clip(inside / n_evidence * min(1.0, inside / n_mask / 0.5), 0, 1))
     else:
         quality = 0.0
     return Derivation(
@@ -559,6 +568,18 @@ def _lossy_maps(ref: np.ndarray, forged: np.ndarray, table: np.ndarray | None,
 
 
 _TILES = 16  # tiles on the shorter side for the whole-frame test
+
+
+def _interior(raw: np.ndarray, k: int) -> np.ndarray:
+    """0/255: the 8 x 8 blocks that differ at all and whose neighbours up to `k` blocks away
+    all differ too (with an exact twin, only an edit's blocks differ: these are inside it,
+    away from the codec echo around it)."""
+    h, w = raw.shape
+    touched = cv2.compare(_reduce(cv2.compare(raw, 0, cv2.CMP_GT), 8), 0, cv2.CMP_GT)
+    inner = cv2.erode(touched, np.ones((2 * k + 1, 2 * k + 1), np.uint8),
+                      borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.resize(inner, (touched.shape[1] * 8, touched.shape[0] * 8),
+                      interpolation=cv2.INTER_NEAREST)[:h, :w]
 
 
 def _identical_blocks(raw: np.ndarray) -> float:
