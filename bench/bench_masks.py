@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from pipeline.masks import codec_of, derive_mask, iou  # noqa: E402
+from pipeline.masks import codec_of, derive_mask, iou
 
 SIZES = {"1MP": (1000, 1000), "12MP": (4000, 3000)}
 BIG = (12000, 9000)

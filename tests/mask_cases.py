@@ -39,6 +39,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from generators.base import SkipSample
+
 FONTS = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSans-Bold.ttf")
 CODECS = ("png", "jpeg90", "jpeg75", "png_jpeg90", "casia")
 PHOTO_KINDS = ("copy_move", "splice", "removal", "recolour", "retouch", "dodge")
@@ -198,7 +200,7 @@ def _word_boxes(img: np.ndarray) -> list[tuple[int, int, int, int]]:
     g = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
     ink = cv2.adaptiveThreshold(g, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY_INV, 25, 15)
     joined = cv2.dilate(ink, cv2.getStructuringElement(cv2.MORPH_RECT, (7, 3)))
-    n, _, stats, _ = cv2.connectedComponentsWithStats(joined)
+    _, _, stats, _ = cv2.connectedComponentsWithStats(joined)
     boxes = []
     for x, y, bw, bh, area in stats[1:]:
         if 8 <= bh <= 60 and 14 <= bw <= 260 and area > 40:
@@ -428,7 +430,6 @@ def _plans(which: str) -> Iterator[tuple[str, str, str, int, Callable]]:
     names = list(imgs)
     base = 0 if which == "tune" else 1000
     for i, name in enumerate(names):
-        img = imgs[name]
         donor = imgs[names[(i + 1) % len(names)]]
         doc = name in DOCUMENTS
         kinds = DOC_KINDS if doc else PHOTO_KINDS
@@ -459,7 +460,7 @@ def cases(which: str, codecs: tuple[str, ...] = CODECS) -> Iterator[Case]:
                 img = _casia_size(img)
             try:
                 o, ob, fb, truth, forged = save(img, make, codec)
-            except Exception:  # noqa: BLE001 - a generator that skips this image
+            except (SkipSample, ValueError):  # no words, no face: not an edit for this image
                 continue
             if not visible(o, forged, truth):
                 continue

@@ -492,13 +492,13 @@ def test_stage_outcomes_and_reasons(tmp_path, stage_inputs):
 
 def test_stage_regenerated_reject_and_area_filters(tmp_path, stage_inputs):
     manifest, _, truth = stage_inputs
-    metrics, rows = _run(tmp_path, manifest, regenerated="reject")
+    _, rows = _run(tmp_path, manifest, regenerated="reject")
     assert rows["regen"].status == "regenerated"
     assert "whole frame changed" in rows["regen"].error and "tiles" in rows["regen"].error
-    metrics, rows = _run(tmp_path, manifest, min_pixels=int(truth["good"].sum()) + 500)
+    _, rows = _run(tmp_path, manifest, min_pixels=int(truth["good"].sum()) + 500)
     assert rows["good"].status == "mask_too_small" and "min_pixels" in rows["good"].error
     assert rows["good"].mask_blob and rows["good"].diff_blob is None  # the evidence is kept
-    metrics, rows = _run(tmp_path, manifest, max_area=0.01)
+    _, rows = _run(tmp_path, manifest, max_area=0.01)
     assert rows["good"].status == "mask_too_large" and "max_area" in rows["good"].error
     assert rows["regen"].status == "ok"  # a regenerated frame is full, not too large
 
