@@ -2,37 +2,59 @@
 
 Diffusers edits change pixels outside the requested region, instruction edits have no region
 at all and `pairs` sources come with none, so the edited region is derived by differencing
-the forged image against its original:
+the forged file against its original (`derive`, `derive_mask`). A mask is what changed:
 
-1. a small global colour shift between the two is fitted (per-channel gain and offset on a
-   subsample, robust to the edit) and removed from the original with a lookup table;
-2. the per-pixel change is the largest absolute channel difference; a pixel counts as changed
-   when it exceeds a threshold that rises with the noise floor (the median change, which is
-   zero for a lossless save and a few levels after JPEG) and with the local contrast of the
-   original (JPEG errors concentrate on edges);
-3. region-level clean-up on a working resolution of about `work_pixels` (an integer
-   reduction): the local density of changed pixels, closing, hole filling and small-component
-   removal (one contour pass), every size a fraction of the image's shorter side or area; the
-   result is scaled back to H x W.
+1. **What counts as a change depends on the forged file's codec** (`codec_of`).
+   - Lossless (PNG, BMP, TIFF, lossless WebP): any change (> `threshold_lossless`, 0.5
+     levels of the largest channel difference; 1.5 after a fitted global colour shift,
+     whose lookup table rounds). Every changed pixel belongs to the mask.
+   - JPEG: the original is re-encoded with the forged file's own quantisation tables and
+     chroma subsampling (its *twin*). A forgery made from the original's pixels and saved
+     that way equals its twin bit for bit in every block the edit did not touch. When at
+     least 3/4 of the 8 x 8 blocks are identical the twin is *exact*: outside the edit's
+     blocks nothing differs, and inside them a change counts above `exact_threshold` plus
+     `exact_texture` x local contrast, unless it is below `relative` x the strongest change
+     within `relative_reach` pixels (the edit's own echo through chroma subsampling and
+     ringing); a block whose neighbours up to `interior_blocks` blocks away all differ is
+     inside the edit however little it changed (weak edits: inpainting, retouching).
+   - Otherwise (another encoder, an unknown lossy codec) the noise is the median change,
+     capped at `max_noise` and, with a twin, at `noise_factor` x a first JPEG encoding's
+     own error on this image, so a change everywhere is never taken for noise; a change
+     counts above max(`threshold_min`, `noise_factor` x noise) + `texture_factor` x local
+     contrast, with `relative_lossy`.
+   Lossy differences are taken after a 3 x 3 Gaussian on both images (halves JPEG noise),
+   and a changed pixel is evidence where `density` of its block-sized window changed
+   (codec noise is sparse, an edit dense).
+2. **The whole frame**: when `full_cover` of the tiles (16 on the shorter side) changed
+   beyond the codec's noise, the image was regenerated (instruction editing, img2img, a
+   VAE round trip): its mask is full (`mask_source: full`), or, with `regenerated:
+   reject`, the row gets status `regenerated`. A local edit with a requested region that
+   changed the whole frame is `edit_leaked`.
+3. **Regions**, at full resolution inside the box around the evidence: a closing of
+   `close_px` pixels (gaps a codec leaves in an edit), holes filled up to `max_hole` of their
+   region's area, lossy regions below `min_component` of the largest dropped. No size is a
+   fraction of the image: one word changed on a 5000 x 7000 scan keeps its pixels.
 
-Everything per pixel is a uint8 OpenCV op (absdiff, channel max, compare); nothing is float
-at full resolution, so a 1 MP JPEG pair takes about 10 ms on one core (bench/bench_masks.py).
+Per-pixel work runs in cache-sized horizontal strips of uint8 OpenCV calls; nothing is
+float at full resolution (bench/bench_masks.py).
 
 `mask_quality` in [0, 1] is purity x coverage: purity is the share of all changed pixels
 that fall inside the mask (low when changes are scattered over the image), coverage is the
 share of mask pixels that are changed, saturating at one half (low for a region that is
-mostly filled in by the clean-up). Quality filters record a reason in `status`; rejected
-rows stay in the manifest.
+mostly filled in by the clean-up). Quality filters record a reason in `status`, with what
+was measured; rejected rows stay in the manifest.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -56,6 +78,7 @@ REASONS = (
     "mask_too_large",
     "degenerate_output",
     "edit_leaked",
+    "regenerated",
     "low_quality",
     "mask_error",
 )
@@ -66,24 +89,39 @@ _WINDOW_ROWS = 20_000  # rows handed to the executor per call, so manifests stre
 @dataclass(frozen=True)
 class MasksParams:
     # per-pixel change, in 0-255 levels of the largest channel difference
-    threshold_lossless: float = 1.5  # threshold when the noise floor is zero (lossless save)
-    threshold_min: float = 3.0  # lossy saves: never count a change below this
-    noise_factor: float = 2.0  # lossy: threshold >= noise_factor x median change (noise floor)
-    texture_factor: float = 0.25  # + this x local contrast of the original (JPEG edge noise)
+    threshold_lossless: float = 0.5  # lossless forgery: a change above this counts (any change)
+    codec_twin: bool = True  # JPEG forgery: compare with the original re-encoded like it
+    # JPEG whose twin is exact (identical outside the edit's blocks)
+    exact_threshold: float = 3.0  # a change above this + exact_texture x local contrast counts
+    exact_texture: float = 0.1
+    exact_block: int = 3  # evidence window half-size, pixels
+    relative: float = 0.4  # a change below this x the strongest one within relative_reach px
+    relative_reach: int = 1  # is that change's codec echo (chroma subsampling, ringing)
+    interior_blocks: int = 3  # a block is inside the edit when all blocks this far differ
+    # other lossy codecs (and JPEG from another encoder)
+    threshold_min: float = 3.0  # never count a change below this
+    noise_factor: float = 2.0  # threshold >= noise_factor x the noise (median change)
+    max_noise: float = 6.0  # a median change above this is an edit everywhere, not noise
+    texture_factor: float = 0.25  # + this x local contrast (JPEG error grows near edges)
+    relative_lossy: float = 0.5  # as `relative`, for these codecs
+    block: int = 8  # evidence window half-size, pixels (JPEG's block)
+    # both lossy kinds
     prefilter: bool = True  # 3x3 Gaussian on both images first: halves JPEG noise
+    density: float = 0.3  # a changed pixel is evidence where this share of its window changed
     colour_correction: bool = True  # fit and remove a small global colour shift first
     max_colour_shift: float = 24.0  # levels; a larger fitted shift is not applied
-    # region level; sizes are fractions of the working image's shorter side or area
-    work_pixels: int = 262_144  # region clean-up runs at about this many pixels (integer reduction)
-    window: float = 0.012  # density window
-    density: float = 0.3  # share of changed pixels in the window that makes it edited
-    close_radius: float = 0.012  # closing radius
-    max_hole: float = 0.02  # holes up to this fraction of the image are filled
-    min_component: float = 0.0004  # components below this fraction of the image are dropped
-    # quality filters
-    min_area: float = 0.0005  # mask area below this fraction: mask_too_small
-    max_area: float = 0.8  # above: mask_too_large
-    min_changed: float = 0.0001  # changed pixels below this fraction: no_visible_change
+    # region clean-up, in pixels of the image or fractions of each region's own size
+    close_px: int = 5  # lossy: closing radius (gaps the codec left in an edit)
+    close_px_lossless: int = 1
+    max_hole: float = 0.25  # holes up to this fraction of their region's area are filled
+    min_component: float = 0.02  # lossy: regions below this fraction of the largest dropped
+    # whole-frame change: the share of tiles (16 on the shorter side) changed beyond noise
+    full_cover: float = 0.9
+    regenerated: Literal["full", "reject"] = "full"  # full mask, or status `regenerated`
+    # quality filters, in pixels of the image: what a visible edit needs, not a page fraction
+    min_changed_pixels: int = 16  # fewer changed pixels: no_visible_change
+    min_pixels: int = 64  # a smaller mask: mask_too_small
+    max_area: float = 0.8  # a mask above this fraction of the image: mask_too_large
     min_quality: float = 0.0  # below: low_quality (0 disables)
     max_leak: float = 0.5  # share of the mask outside the dilated requested region
     leak_margin: float = 0.03  # dilation of the requested region, fraction of shorter side
@@ -91,25 +129,26 @@ class MasksParams:
     keep_diff: bool = False  # write the soft difference map (shipped as <key>.diff.png)
 
     def __post_init__(self) -> None:
-        fractions = ("window", "density", "close_radius", "max_hole", "min_component",
-                     "min_area", "max_area", "min_changed", "min_quality", "max_leak",
-                     "leak_margin")
+        fractions = ("relative", "relative_lossy", "density", "max_hole", "min_component",
+                     "full_cover", "max_area", "min_quality", "max_leak", "leak_margin")
         for name in fractions:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"masks.{name}: {v!r} is not allowed; allowed: 0.0 to 1.0")
-        if self.min_area > self.max_area:
-            raise ValueError(
-                f"masks.min_area ({self.min_area}) must not exceed masks.max_area ({self.max_area})"
-            )
-        levels = ("threshold_lossless", "threshold_min", "noise_factor", "texture_factor",
-                  "max_colour_shift")
+        levels = ("threshold_lossless", "exact_threshold", "exact_texture", "threshold_min",
+                  "noise_factor", "max_noise", "texture_factor", "max_colour_shift")
         for name in levels:
             v = getattr(self, name)
             if v < 0:
                 raise ValueError(f"masks.{name}: {v!r} is not allowed; allowed: >= 0")
-        if self.work_pixels < 4096:
-            raise ValueError(f"masks.work_pixels: {self.work_pixels!r}; allowed: >= 4096")
+        pixels = ("exact_block", "relative_reach", "interior_blocks", "block", "close_px",
+                  "close_px_lossless", "min_changed_pixels", "min_pixels")
+        for name in pixels:
+            v = getattr(self, name)
+            if v < 0:
+                raise ValueError(f"masks.{name}: {v!r} is not allowed; allowed: >= 0 pixels")
+        if self.regenerated not in ("full", "reject"):
+            raise ValueError(f"masks.regenerated: {self.regenerated!r}; allowed: full, reject")
 
 
 @dataclass
@@ -119,14 +158,22 @@ class Derivation:
     mask: np.ndarray  # H x W bool
     diff: np.ndarray  # H x W uint8: largest channel difference after colour correction
     threshold: float  # global part of the per-pixel threshold
-    noise: float  # median change: the noise floor
+    noise: float  # the codec's noise level (0 for a lossless forgery)
     changed: float  # fraction of pixels counted as changed
     quality: float  # purity x coverage, in [0, 1]
     colour_shift: float  # largest level shift removed by colour correction
+    changed_pixels: int = 0  # pixels counted as changed
+    codec: str = "unknown"  # lossless | jpeg (compared with the original re-encoded) | lossy
+    cover: float = 0.0  # share of tiles whose pixels changed beyond the codec's noise
+    regenerated: bool = False  # the whole frame changed: `mask` is all True
 
     @property
     def area(self) -> float:
         return float(np.count_nonzero(self.mask)) / self.mask.size
+
+    @property
+    def lossless(self) -> bool:
+        return self.codec == "lossless"
 
     def soft(self) -> np.ndarray:
         """The difference map for people and for `<key>.diff.png`: 255 at 4x the threshold."""
@@ -151,27 +198,154 @@ def _sub(img: np.ndarray, step: int) -> np.ndarray:
     return cv2.resize(img, (max(1, w // step), max(1, h // step)), interpolation=cv2.INTER_NEAREST)
 
 
-def _channel_max(img: np.ndarray) -> np.ndarray:
+def _channel_max(img: np.ndarray, dst: np.ndarray | None = None) -> np.ndarray:
     c = cv2.split(img)
-    return cv2.max(cv2.max(c[0], c[1]), c[2])
+    return cv2.max(cv2.max(c[0], c[1]), c[2], dst=dst)
 
 
-def match_colours(
+def _encode_mask(mask: np.ndarray) -> bytes:
+    """A 0/255 single-channel PNG like `imageio.encode_mask`, run-length coded: masks are
+    long runs, and zlib's default search costs 4x as much at 108 MP for the same size."""
+    m = cv2.compare(np.ascontiguousarray(mask).view(np.uint8), 0, cv2.CMP_GT)
+    ok, buf = cv2.imencode(".png", m, [cv2.IMWRITE_PNG_COMPRESSION, 1,
+                                       cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
+    if not ok:
+        return encode_mask(mask)
+    return buf.tobytes()
+
+
+_JPEG_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+
+
+@cache
+def _same_jpeg_decoder() -> bool:
+    """Whether OpenCV decodes JPEGs to exactly the pixels Pillow gives (`imageio.decode`,
+    what the forgeries were made from): checked once per process on 4:4:4, 4:2:2, 4:2:0 and
+    progressive encodings of a photo-like pattern."""
+    yy, xx = np.mgrid[0:67, 0:93].astype(np.float32)
+    img = np.stack([128 + 100 * np.sin(xx / 5 + yy / 9), 128 + 90 * np.cos(xx / 7),
+                    128 + 80 * np.sin(yy / 4)], -1).astype(np.uint8)
+    for kw in ({"subsampling": 0}, {"subsampling": 1}, {"subsampling": 2},
+               {"subsampling": 2, "progressive": True}):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=87, **kw)
+        ours = cv2.imdecode(np.frombuffer(buf.getbuffer(), np.uint8), _JPEG_FLAGS)
+        if ours is None or not np.array_equal(ours, decode(buf.getvalue())):
+            return False
+    return True
+
+
+def _decode(data: bytes) -> np.ndarray:
+    """`imageio.decode`, with colour JPEGs decoded by OpenCV when it gives the same pixels
+    (a third less time, and no copies through Pillow)."""
+    if data[:3] == b"\xff\xd8\xff" and _same_jpeg_decoder():
+        with Image.open(io.BytesIO(data)) as im:
+            plain = im.mode == "RGB" and "adobe_transform" not in im.info
+        if plain:
+            out = cv2.imdecode(np.frombuffer(data, np.uint8), _JPEG_FLAGS)
+            if out is not None:
+                return out
+    return decode(data)
+
+
+# --------------------------------------------------------------------------- codecs
+
+
+@dataclass
+class Codec:
+    """How the forged file stores pixels, and the original stored the same way."""
+
+    kind: str  # lossless | jpeg | lossy (a lossy codec this stage cannot reproduce)
+    twin: np.ndarray | None = None  # jpeg: the original encoded with the forgery's tables
+    settings: dict[str, Any] | None = None  # jpeg: mode, qtables, subsampling
+    original: np.ndarray | None = None  # jpeg: for `noise`
+
+    @property
+    def noise(self) -> float | None:
+        """jpeg: the median error (after a 3 x 3 Gaussian) of a first encoding with these
+        tables: a crop of the original off the block grid by (3, 5) pixels, so its blocks
+        are not already quantised. The edit's blocks are encoded for the first time."""
+        if self.kind != "jpeg" or self.original is None or self.settings is None:
+            return None
+        h, w = self.original.shape[:2]
+        ch, cw = min(h - 3, 256), min(w - 5, 256)
+        if ch < 16 or cw < 16:
+            return None
+        y0 = min((h - ch) // 2 // 16 * 16 + 3, h - ch)
+        x0 = min((w - cw) // 2 // 16 * 16 + 5, w - cw)
+        crop = np.ascontiguousarray(self.original[y0 : y0 + ch, x0 : x0 + cw])
+        fresh = _jpeg_round_trip(crop, self.settings)
+        return _median_u8(_channel_max(cv2.absdiff(cv2.GaussianBlur(fresh, (3, 3), 0),
+                                                   cv2.GaussianBlur(crop, (3, 3), 0))))
+
+
+_LOSSLESS = {"PNG", "BMP", "PPM", "TGA", "QOI"}
+
+
+def codec_of(original: np.ndarray, forged_bytes: bytes, twin: bool = True) -> Codec:
+    """The forged file's codec; for a JPEG, the original re-encoded with the forged file's
+    own quantisation tables and chroma subsampling (its "twin"). A forgery made from these
+    original pixels and saved as that JPEG equals its twin, bit for bit, in every 8 x 8
+    block (16 x 16 with 4:2:0) the edit did not touch, so only the edit's blocks differ."""
+    from PIL import JpegImagePlugin
+
+    with Image.open(io.BytesIO(forged_bytes)) as im:
+        fmt = im.format or ""
+        if fmt in _LOSSLESS:
+            return Codec("lossless")
+        if fmt == "TIFF":
+            comp = str(im.info.get("compression", "raw"))
+            return Codec("lossy" if "jpeg" in comp else "lossless")
+        if fmt == "WEBP":
+            return Codec("lossless" if forged_bytes[12:16] == b"VP8L" else "lossy")
+        if fmt not in ("JPEG", "MPO") or not twin or im.mode not in ("RGB", "L"):
+            return Codec("lossy")
+        tables = dict(im.quantization or {})
+        sampling = JpegImagePlugin.get_sampling(im)
+        mode = im.mode
+    if not tables or (mode == "RGB" and sampling < 0):
+        return Codec("lossy")
+    settings: dict[str, Any] = {"mode": mode, "qtables": tables}
+    if mode == "RGB":
+        settings["subsampling"] = sampling
+    return Codec("jpeg", _jpeg_round_trip(original, settings), settings, original)
+
+
+def _jpeg_round_trip(img: np.ndarray, settings: dict[str, Any]) -> np.ndarray:
+    """`img` encoded by Pillow with `settings` and decoded by OpenCV (the same
+    libjpeg-turbo, a third of Pillow's decoding time); RGB uint8."""
+    kw = {k: v for k, v in settings.items() if k != "mode"}
+    im = Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8), "RGB")
+    if settings["mode"] == "L":
+        im = im.convert("L")
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", **kw)
+    data = np.frombuffer(buf.getbuffer(), np.uint8)
+    if settings["mode"] == "L":
+        return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_GRAYSCALE), cv2.COLOR_GRAY2RGB)
+    return cv2.imdecode(data, cv2.IMREAD_COLOR_RGB)
+
+
+# --------------------------------------------------------------------------- derivation
+
+
+def colour_table(
     original: np.ndarray, forged: np.ndarray, max_shift: float
-) -> tuple[np.ndarray, float]:
-    """The original with a per-channel gain and offset towards `forged` applied.
+) -> tuple[np.ndarray | None, float]:
+    """A per-channel gain and offset taking `original` towards `forged`, as a 1 x 256 x 3
+    lookup table for `cv2.LUT` (None: no shift), and the largest shift it applies.
 
     Fitted on a subsample from a median start with two inlier refits, so an edit covering
     less than half the image does not pull the fit. A channel whose values span little range
     gets an offset only; a channel whose shift exceeds `max_shift` levels is left alone (that
-    is no longer a small global shift). Returns (image, largest shift applied).
+    is no longer a small global shift).
     """
     h, w = original.shape[:2]
     step = max(1, int(np.sqrt(h * w / 4096)))  # ~4k samples fit 2 numbers per channel
     o8 = original[::step, ::step].reshape(-1, 3)
     f8 = forged[::step, ::step].reshape(-1, 3)
     if np.count_nonzero((o8 == f8).all(axis=1)) * 2 > len(o8):
-        return original, 0.0  # most pixels identical: there is no global shift
+        return None, 0.0  # most pixels identical: there is no global shift
     o = o8.astype(np.float32)
     f = f8.astype(np.float32)
     # all three channels at once: per-call overhead, not arithmetic, dominates at 4k samples
@@ -203,15 +377,44 @@ def match_colours(
     shift = float(np.abs(lut - v[:, None]).max())
     if shift < 1.0:
         # below one level the table rounds to (nearly) the identity; the thresholds absorb it
-        return original, 0.0
+        return None, 0.0
     table = np.clip(np.rint(lut), 0, 255).astype(np.uint8)
-    return cv2.LUT(np.ascontiguousarray(original), table.reshape(1, 256, 3)), shift
+    return table.reshape(1, 256, 3), shift
+
+
+def match_colours(
+    original: np.ndarray, forged: np.ndarray, max_shift: float
+) -> tuple[np.ndarray, float]:
+    """The original with `colour_table`'s shift towards `forged` applied, and that shift."""
+    table, shift = colour_table(original, forged, max_shift)
+    if table is None:
+        return original, 0.0
+    return cv2.LUT(np.ascontiguousarray(original), table), shift
+
+
+
+def derive(original: np.ndarray, forged_bytes: bytes, p: MasksParams | None = None) -> Derivation:
+    """The edited region of the forged file `forged_bytes` relative to the `original` pixels
+    (H x W x 3 uint8), using what the file says about its codec (see `codec_of`)."""
+    p = p or MasksParams()
+    forged = _decode(forged_bytes)
+    if forged.shape != original.shape:
+        raise ValueError(f"original {original.shape} and forged {forged.shape} differ in size")
+    return derive_mask(original, forged, p, codec_of(original, forged_bytes, p.codec_twin))
 
 
 def derive_mask(
-    original: np.ndarray, forged: np.ndarray, p: MasksParams | None = None
+    original: np.ndarray,
+    forged: np.ndarray,
+    p: MasksParams | None = None,
+    codec: Codec | None = None,
 ) -> Derivation:
-    """The edited region of `forged` (H x W x 3 uint8) relative to `original` (same shape)."""
+    """The edited region of `forged` (H x W x 3 uint8) relative to `original` (same shape).
+
+    Without `codec` the forged pixels' codec is guessed: lossless when most pixels are
+    identical, else an unknown lossy codec whose noise is the median change (at most
+    `max_noise` levels, so a change everywhere is not mistaken for noise).
+    """
     p = p or MasksParams()
     if original.shape != forged.shape or original.ndim != 3 or original.shape[2] != 3:
         raise ValueError(
@@ -220,82 +423,238 @@ def derive_mask(
     original = np.ascontiguousarray(original, dtype=np.uint8)
     forged = np.ascontiguousarray(forged, dtype=np.uint8)
     h, w = forged.shape[:2]
-    shift = 0.0
+    kind = codec.kind if codec is not None else "unknown"
+    ref = codec.twin if codec is not None and codec.twin is not None else original
+    table, shift = None, 0.0
     if p.colour_correction:
-        original, shift = match_colours(original, forged, p.max_colour_shift)
-    # noise floor: the median change (most of the image is untouched); zero for lossless
+        table, shift = colour_table(ref, forged, p.max_colour_shift)
+    raw = _raw_diff(ref, forged, table)
     step = max(1, int(np.sqrt(h * w / 65536)))
-    noise = _median_u8(_channel_max(cv2.absdiff(_sub(forged, step), _sub(original, step))))
-    lossy = noise >= 1
-    if p.prefilter and lossy:
-        # lossy: JPEG error is high-frequency, a 3x3 Gaussian halves it
-        a = cv2.GaussianBlur(original, (3, 3), 0)
-        b = cv2.GaussianBlur(forged, (3, 3), 0)
-        diff = _channel_max(cv2.absdiff(b, a))
-        noise = _median_u8(_sub(diff, step))
+    if kind == "unknown":
+        kind = "lossless" if _median_u8(_sub(raw, step)) < 1 else "lossy"
+    if kind == "lossless":
+        diff = raw
+        # a fitted colour shift is applied through a rounded table: +-1 level remains
+        threshold = p.threshold_lossless if shift == 0 else max(p.threshold_lossless, 1.5)
+        changed = cv2.compare(raw, threshold, cv2.CMP_GT)
+        evidence = changed
+        noise = 0.0
     else:
-        a = original
-        diff = _channel_max(cv2.absdiff(forged, original))
-    if lossy:
-        threshold = max(p.threshold_min, p.noise_factor * noise)
-    else:
-        threshold = p.threshold_lossless
-    # local contrast of the original, max over channels: JPEG error grows near edges
-    contrast = _channel_max(cv2.morphologyEx(a, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)))
-    limit = cv2.convertScaleAbs(contrast, alpha=p.texture_factor, beta=threshold)
-    changed = cv2.compare(diff, limit, cv2.CMP_GT)  # 0/255
+        # the twin reproduces the forgery's codec when most of its blocks are bit-identical
+        exact = kind == "jpeg" and _identical_blocks(raw) >= 0.75
+        if not exact:  # another encoder, or an unknown lossy codec
+            kind = "lossy"
+        if exact:
+            # outside the edit's own blocks nothing differs: only the edit's codec echo
+            # (ringing, chroma subsampling) is left to tell from the edit, in the box
+            # around the blocks that differ
+            noise = 0.0
+            threshold, texture = p.exact_threshold, p.exact_texture
+            relative, block = p.relative, p.exact_block
+            x, y, bw, bh = cv2.boundingRect(raw)
+        else:
+            x, y, bw, bh = 0, 0, w, h
+            threshold = texture = relative = 0.0
+            block = p.block
+        diff = np.zeros((h, w), np.uint8)
+        contrast = np.zeros((h, w), np.uint8)
+        m = 2 * max(p.relative_reach, block) + 4  # the reach of the neighbourhoods below
+        x0, y0, x1, y1 = max(0, x - m), max(0, y - m), min(w, x + bw + m), min(h, y + bh + m)
+        win = (slice(y0, y1), slice(x0, x1))
+        if bw and bh:
+            _lossy_maps(ref[win], forged[win], table, p.prefilter, diff[win], contrast[win])
+        if not exact:
+            noise = min(_median_u8(_sub(diff, step)), p.max_noise)
+            if codec is not None and codec.kind == "jpeg":
+                # another encoder with the same tables differs from the twin by less than
+                # twice a first encoding's error; a larger median change is an edit
+                first = codec.noise
+                if first is not None:
+                    noise = min(noise, max(1.0, p.noise_factor * first))
+            threshold = max(p.threshold_min, p.noise_factor * noise)
+            texture, relative = p.texture_factor, p.relative_lossy
+        changed = np.zeros((h, w), np.uint8)
+        evidence = np.zeros((h, w), np.uint8)
+        if bw and bh:
+            d = diff[win]
+            # JPEG error grows with the local contrast of the original
+            limit = cv2.convertScaleAbs(contrast[win], alpha=texture, beta=threshold)
+            if relative > 0:
+                # a strong edit spreads into its neighbours (chroma subsampling, ringing)
+                kr = 2 * p.relative_reach + 1
+                strongest = cv2.dilate(d, cv2.getStructuringElement(cv2.MORPH_RECT, (kr, kr)))
+                cv2.max(limit, cv2.convertScaleAbs(strongest, alpha=relative), dst=limit)
+            cv2.compare(d, limit, cv2.CMP_GT, dst=changed[win])
+            # codec noise is sparse at the scale of its blocks; an edit is dense
+            k = 2 * block + 1
+            dense = cv2.compare(cv2.blur(changed[win], (k, k)), p.density * 255.0, cv2.CMP_GT)
+            cv2.bitwise_and(changed[win], dense, dst=evidence[win])
+        if exact and p.interior_blocks > 0:
+            # weak edits: blocks deep inside the differing ones are the edit's, however
+            # little they changed
+            evidence = cv2.bitwise_or(evidence, _interior(raw, p.interior_blocks))
     n_changed = cv2.countNonZero(changed)
-
-    # region level, at the working resolution: an integer reduction, so INTER_AREA takes its
-    # fast path; the rows and columns past the last whole block are cropped, then replicated
-    f = max(1, min(int(np.sqrt(h * w / p.work_pixels) + 0.5), h, w))
-    hs, ws = max(1, h // f), max(1, w // f)
-    dens = changed if f == 1 else cv2.resize(changed[: hs * f, : ws * f], (ws, hs),
-                                             interpolation=cv2.INTER_AREA)
-    side = min(ws, hs)
-    k = _odd(p.window * side)
-    local = cv2.blur(dens, (k, k)) if k > 1 else dens
-    region = cv2.compare(local, p.density * 255.0, cv2.CMP_GT)
-    r = max(1, round(p.close_radius * side))
-    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-    region = cv2.morphologyEx(region, cv2.MORPH_CLOSE, disk)
-    region = _clean(region, p.min_component * ws * hs, p.max_hole * ws * hs)
-
-    n_in = cv2.countNonZero(region)
-    if n_in:
-        total = cv2.sumElems(dens)[0]
-        ev_in = cv2.sumElems(cv2.bitwise_and(dens, region))[0]
-        purity = ev_in / total if total else 0.0
-        coverage = min(1.0, ev_in / (255.0 * n_in) / 0.5)
-        quality = float(np.clip(purity * coverage, 0.0, 1.0))
+    cover = _cover(evidence, p)
+    regenerated = cover >= p.full_cover and n_changed > 0
+    if regenerated:
+        mask = np.ones((h, w), bool)
+    else:
+        m = _regions(evidence, p, lossless=kind == "lossless")
+        if kind == "lossless":  # every changed pixel belongs to the mask
+            cv2.bitwise_or(m, changed, dst=m)
+        mask = m > 0
+    # purity: the share of the evidence inside the mask; coverage: the share of the mask
+    # that is evidence, saturating at one half
+    n_mask = int(np.count_nonzero(mask))
+    n_evidence = cv2.countNonZero(evidence)
+    if n_mask and n_evidence:
+        inside = n_evidence if regenerated or kind == "lossless" else cv2.countNonZero(
+            cv2.bitwise_and(evidence, mask.view(np.uint8)))
+        quality = float(np.clip(inside / n_evidence * min(1.0, inside / n_mask / 0.5), 0, 1))
     else:
         quality = 0.0
-    if f > 1:
-        up = cv2.resize(region, (ws * f, hs * f), interpolation=cv2.INTER_LINEAR)
-        if up.shape != (h, w):
-            up = cv2.copyMakeBorder(up, 0, h - hs * f, 0, w - ws * f, cv2.BORDER_REPLICATE)
-        mask = up > 127
-    else:
-        mask = region > 0
     return Derivation(
         mask=mask,
         diff=diff,
         threshold=float(threshold),
-        noise=noise,
+        noise=float(noise),
         changed=n_changed / (h * w),
         quality=quality,
         colour_shift=shift,
+        changed_pixels=n_changed,
+        codec=kind,
+        cover=cover,
+        regenerated=regenerated,
     )
 
 
-def _clean(region: np.ndarray, min_area: float, max_hole: float) -> np.ndarray:
-    """Drops components smaller than `min_area` and fills holes up to `max_hole` pixels.
+_STRIP = 1 << 17  # pixels per strip of the per-pixel pass: its arrays stay in cache
+
+
+def _rows(h: int, w: int) -> int:
+    return max(8, _STRIP // max(1, w) // 8 * 8)
+
+
+def _raw_diff(ref: np.ndarray, forged: np.ndarray, table: np.ndarray | None) -> np.ndarray:
+    """Largest channel difference, in strips; the colour table is applied strip by strip,
+    so no corrected copy of the image is made."""
+    h, w = forged.shape[:2]
+    raw = np.empty((h, w), np.uint8)
+    rows = _rows(h, w)
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
+        r = ref[y0:y1] if table is None else cv2.LUT(ref[y0:y1], table)
+        _channel_max(cv2.absdiff(forged[y0:y1], r), dst=raw[y0:y1])
+    return raw
+
+
+def _lossy_maps(ref: np.ndarray, forged: np.ndarray, table: np.ndarray | None,
+                prefilter: bool, diff: np.ndarray, contrast: np.ndarray) -> None:
+    """Into `diff` the largest channel difference after a 3 x 3 Gaussian on both images
+    (halves JPEG noise), into `contrast` the reference's local contrast (3 x 3 gradient);
+    in strips with two rows of margin for the neighbourhoods."""
+    h, w = forged.shape[:2]
+    rows = _rows(h, w)
+    kernel = np.ones((3, 3), np.uint8)
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
+        m0, m1 = max(0, y0 - 2), min(h, y1 + 2)
+        i0, i1 = y0 - m0, y1 - m0
+        r = ref[m0:m1] if table is None else cv2.LUT(ref[m0:m1], table)
+        f = forged[m0:m1]
+        if prefilter:
+            r, f = cv2.GaussianBlur(r, (3, 3), 0), cv2.GaussianBlur(f, (3, 3), 0)
+        _channel_max(cv2.absdiff(r, f)[i0:i1], dst=diff[y0:y1])
+        _channel_max(cv2.morphologyEx(r, cv2.MORPH_GRADIENT, kernel)[i0:i1], dst=contrast[y0:y1])
+
+
+_TILES = 16  # tiles on the shorter side for the whole-frame test
+
+
+def _interior(raw: np.ndarray, k: int) -> np.ndarray:
+    """0/255: the 8 x 8 blocks that differ at all and whose neighbours up to `k` blocks away
+    all differ too (with an exact twin, only an edit's blocks differ: these are inside it,
+    away from the codec echo around it)."""
+    h, w = raw.shape
+    touched = cv2.compare(_reduce(cv2.compare(raw, 0, cv2.CMP_GT), 8), 0, cv2.CMP_GT)
+    inner = cv2.erode(touched, np.ones((2 * k + 1, 2 * k + 1), np.uint8),
+                      borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.resize(inner, (touched.shape[1] * 8, touched.shape[0] * 8),
+                      interpolation=cv2.INTER_NEAREST)[:h, :w]
+
+
+def _identical_blocks(raw: np.ndarray) -> float:
+    """Share of 8 x 8 blocks (JPEG's) with no difference at all in `raw`."""
+    h, w = raw.shape
+    hb, wb = h // 8, w // 8
+    if not hb or not wb:
+        return 0.0
+    # a block's mean of a 0/255 map is 0 only when none of its 64 pixels differ
+    touched = _reduce(cv2.compare(raw[: hb * 8, : wb * 8], 0, cv2.CMP_GT), 8)
+    return float(touched.size - cv2.countNonZero(touched)) / touched.size
+
+
+def _reduce(m: np.ndarray, f: int) -> np.ndarray:
+    """Mean of `m` (0/255) over f x f cells, the partial last row/column of cells included
+    (only those are padded: no copy of a full-size map)."""
+    if f == 1:
+        return m
+    h, w = m.shape
+    hs, ws = h // f, w // f
+    out = np.empty((-(-h // f), -(-w // f)), np.uint8)
+    if hs and ws:
+        out[:hs, :ws] = cv2.resize(m[: hs * f, : ws * f], (ws, hs), interpolation=cv2.INTER_AREA)
+    if h % f:
+        strip = cv2.copyMakeBorder(m[hs * f :], 0, f - h % f, 0, -w % f, cv2.BORDER_REPLICATE)
+        out[hs:] = cv2.resize(strip, (out.shape[1], 1), interpolation=cv2.INTER_AREA)
+    if w % f and hs:
+        strip = cv2.copyMakeBorder(m[: hs * f, ws * f :], 0, 0, 0, f - w % f,
+                                   cv2.BORDER_REPLICATE)
+        out[:hs, ws:] = cv2.resize(strip, (1, hs), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def _cover(evidence: np.ndarray, p: MasksParams) -> float:
+    """Share of tiles (16 on the shorter side) in which `density` of the pixels changed."""
+    h, w = evidence.shape
+    t = max(1, min(h, w) // _TILES)
+    th, tw = max(1, round(h / t)), max(1, round(w / t))
+    # an integer reduction first (OpenCV's fast path), then to the tile grid
+    coarse = _reduce(evidence, max(1, t // 8))
+    tiles = cv2.resize(coarse, (tw, th), interpolation=cv2.INTER_AREA)
+    return float(np.count_nonzero(tiles > p.density * 255.0)) / tiles.size
+
+
+def _regions(evidence: np.ndarray, p: MasksParams, lossless: bool) -> np.ndarray:
+    """Region clean-up at full resolution, inside the box around the changed pixels: a
+    small closing (gaps a codec leaves in an edit), holes filled up to `max_hole` of their
+    region's area and, for lossy codecs, regions below `min_component` of the largest one
+    dropped. Every size is in pixels or relative to a region, never to the image."""
+    h, w = evidence.shape
+    out = np.zeros((h, w), np.uint8)
+    x, y, bw, bh = cv2.boundingRect(evidence)
+    if not bw or not bh:
+        return out
+    r = p.close_px_lossless if lossless else p.close_px
+    pad = r + 2
+    x0, y0, x1, y1 = max(0, x - pad), max(0, y - pad), min(w, x + bw + pad), min(h, y + bh + pad)
+    region = evidence[y0:y1, x0:x1]
+    if r >= 1:
+        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+        region = cv2.morphologyEx(region, cv2.MORPH_CLOSE, disk)
+    out[y0:y1, x0:x1] = _clean(region, 0.0 if lossless else p.min_component, p.max_hole)
+    return out
+
+
+def _clean(region: np.ndarray, min_component: float, max_hole: float) -> np.ndarray:
+    """Drops regions smaller than `min_component` x the largest region and fills each hole
+    up to `max_hole` x the area of the region around it (0/255 map in, 0/255 map out).
 
     One contour pass (outer boundaries and holes, 8- and 4-connected like the components they
     bound) instead of two labelings: it is tens of times faster on a mostly empty map.
-    Small components go first, so an island inside a small hole ends up filled, not dropped.
+    Small regions go first, so an island inside a small hole ends up filled, not dropped.
     """
-    if min_area < 1 and max_hole < 1:
+    if min_component <= 0 and max_hole <= 0:
         return region
     contours, hierarchy = cv2.findContours(region, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
@@ -304,12 +663,17 @@ def _clean(region: np.ndarray, min_area: float, max_hole: float) -> np.ndarray:
     parent = hierarchy[0][:, 3]
     # a contour's polygon area misses half its boundary pixels; add them back
     area = np.array([cv2.contourArea(c) + 0.5 * cv2.arcLength(c, True) + 1 for c in contours])
-    small = [c for c, a, q in zip(contours, area, parent) if q < 0 and a < min_area]
-    if small:
-        cv2.drawContours(out, small, -1, 0, thickness=cv2.FILLED)
-    holes = [c for c, a, q in zip(contours, area, parent) if q >= 0 and a <= max_hole]
-    if holes:
-        cv2.drawContours(out, holes, -1, 255, thickness=cv2.FILLED)
+    outer = parent < 0
+    if min_component > 0:
+        least = min_component * area[outer].max()
+        small = [c for c, a, o in zip(contours, area, outer) if o and a < least]
+        if small:
+            cv2.drawContours(out, small, -1, 0, thickness=cv2.FILLED)
+    if max_hole > 0:
+        holes = [c for c, a, q in zip(contours, area, parent)
+                 if q >= 0 and a <= max_hole * area[q]]
+        if holes:
+            cv2.drawContours(out, holes, -1, 255, thickness=cv2.FILLED)
     return out
 
 
@@ -339,14 +703,23 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def leak_fraction(mask: np.ndarray, requested: np.ndarray, margin: float) -> float:
-    """Share of `mask` outside `requested` dilated by `margin` x its shorter side."""
+    """Share of `mask` outside `requested` dilated by `margin` x its shorter side.
+
+    Measured on cells of about 1/16 of the margin, so the cost does not grow with the
+    square of the image size (a 3% margin is 270 pixels at 108 MP); the mask's share of
+    each cell is kept, and the dilation errs by at most one cell of that margin."""
     n = np.count_nonzero(mask)
     if not n:
         return 0.0
     r = max(1, round(margin * min(mask.shape)))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-    grown = cv2.dilate(requested.astype(np.uint8), kernel) > 0
-    return float(np.count_nonzero(mask & ~grown) / n)
+    f = max(1, r // 16)
+    m = _reduce(cv2.compare(mask.view(np.uint8), 0, cv2.CMP_GT), f)
+    q = cv2.compare(_reduce(cv2.compare(requested.view(np.uint8), 0, cv2.CMP_GT), f), 0, cv2.CMP_GT)
+    rr = max(1, round(r / f))
+    grown = cv2.dilate(q, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * rr + 1, 2 * rr + 1)))
+    total = cv2.sumElems(m)[0]
+    outside = cv2.sumElems(cv2.bitwise_and(m, cv2.bitwise_not(grown)))[0]
+    return float(outside / total) if total else 0.0
 
 
 # --------------------------------------------------------------------------- the stage
@@ -431,8 +804,9 @@ class _Worker:
     def derived(self, r: Record) -> Record:
         p = self.p
         try:
-            original = decode(self._read(r.parent_blob))
-            forged = decode(self._read(r.blob))
+            original = _decode(self._read(r.parent_blob))
+            forged_bytes = self._read(r.blob)
+            forged = _decode(forged_bytes)
         except Exception as e:  # noqa: BLE001
             return _reject(r, "unreadable", f"{type(e).__name__}: {e}")
         if original.shape != forged.shape:
@@ -444,13 +818,14 @@ class _Worker:
         why = is_degenerate(forged)
         if why:
             return _reject(r, "degenerate_output", why)
-        d = derive_mask(original, forged, p)
+        d = derive_mask(original, forged, p, codec_of(original, forged_bytes, p.codec_twin))
+        del forged_bytes
         h, w = forged.shape[:2]
         rel_mask = _rel(self.out / "masks" / f"{r.key}.png", self.data)
-        write_bytes(self.data / rel_mask, encode_mask(d.mask))
+        write_bytes(self.data / rel_mask, _encode_mask(d.mask))
         changes: dict[str, Any] = {
             "mask_blob": rel_mask,
-            "mask_source": "derived",
+            "mask_source": "full" if d.regenerated else "derived",
             "mask_area": d.area,
             "mask_quality": d.quality,
             "mask_iou_requested": None,
@@ -462,7 +837,6 @@ class _Worker:
             write_bytes(self.data / rel_diff, encode_gray(d.soft()))
             changes["diff_blob"] = rel_diff
         leak = None
-        requested = None
         if r.requested_mask_blob:
             requested = decode_mask(self._read(r.requested_mask_blob))
             if requested.shape == d.mask.shape:
@@ -472,30 +846,51 @@ class _Worker:
                 log.warning("masks: %s requested mask %s does not fit the image %s",
                             r.key, requested.shape, d.mask.shape)
         changes.update(mask_noise=float(d.noise), mask_threshold=float(d.threshold),
-                       mask_changed=round(d.changed, 6), colour_shift=round(d.colour_shift, 2),
+                       mask_changed=round(d.changed, 8), colour_shift=round(d.colour_shift, 2),
                        mask_leak=leak)
         r = r.replace(**changes)
         return self.filter(r, d, original, forged, leak)
 
     def filter(self, r: Record, d: Derivation, original: np.ndarray, forged: np.ndarray,
                leak: float | None) -> Record:
+        """The quality filters; every reason text says what was measured."""
         p = self.p
-        area = d.area
-        if d.changed < p.min_changed or area == 0.0:
+        h, w = d.mask.shape
+        n_mask = int(np.count_nonzero(d.mask))
+        measured = (f"{d.changed_pixels} of {w}x{h} pixels changed by more than "
+                    f"{d.threshold:.1f} levels ({d.codec} forgery, noise {d.noise:.1f})")
+        if d.changed_pixels < p.min_changed_pixels:
             return _reject(r, "no_visible_change",
-                           f"{d.changed:.2%} of pixels changed above {d.threshold:.1f} levels")
+                           f"{measured}; a visible edit needs {p.min_changed_pixels}")
+        if n_mask == 0:
+            return _reject(r, "no_visible_change",
+                           f"{measured}, scattered like codec noise: no region")
+        if d.regenerated:
+            outside = ("" if leak is None else
+                       f"; {leak:.0%} of it outside the requested region")
+            why = (f"the whole frame changed: {measured}, in {d.cover:.0%} of the tiles "
+                   f"(full_cover {p.full_cover:.0%}){outside}")
+            if leak is not None and leak > p.max_leak:
+                return _reject(r, "edit_leaked", why)
+            if p.regenerated == "reject":
+                return _reject(r, "regenerated", why)
+            return r
         if r.model_id:
             # a model's output blacked out by a safety checker, pasted back into the source
             region = forged[d.mask]
             if region.size and int(region.max()) == 0 and float(original[d.mask].mean()) > 16:
                 return _reject(r, "degenerate_output", "edited region is all black")
-        if area < p.min_area:
-            return _reject(r, "mask_too_small", f"mask area {area:.4%} < min_area {p.min_area:.4%}")
-        if area > p.max_area:
-            return _reject(r, "mask_too_large", f"mask area {area:.2%} > max_area {p.max_area:.2%}")
+        if n_mask < p.min_pixels:
+            return _reject(r, "mask_too_small",
+                           f"mask of {n_mask} pixels < min_pixels {p.min_pixels} ({measured})")
+        if d.area > p.max_area:
+            return _reject(r, "mask_too_large",
+                           f"mask covers {d.area:.1%} of the image > max_area {p.max_area:.0%} "
+                           f"({measured}, in {d.cover:.0%} of the tiles)")
         if leak is not None and leak > p.max_leak:
             return _reject(r, "edit_leaked",
-                           f"{leak:.0%} of the changed region lies outside the requested region "
+                           f"{leak:.0%} of the mask lies outside the requested region grown by "
+                           f"{max(1, round(p.leak_margin * min(h, w)))} pixels "
                            f"(max_leak {p.max_leak:.0%})")
         if d.quality < p.min_quality:
             return _reject(r, "low_quality", f"mask quality {d.quality:.2f} < {p.min_quality:.2f}")
