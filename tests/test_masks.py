@@ -189,9 +189,13 @@ def regenerated() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     assert not f.mask_known
     vae = registry.build("regeneration", {"mode": "vae"})
     vae.setup("cpu")
+    # the regeneration generator ships at its work size; a VAE round trip at the photo's own
+    # size (what an edit pipeline's VAE does) is its output brought back to that size
+    out = vae.generate(src, np.random.default_rng(0)).image
+    out = cv2.resize(out, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_CUBIC)
     return {
         "edit": (img, paste_back(img, f.image, f.mask, 2)),
-        "vae": (img, vae.generate(src, np.random.default_rng(0)).image),
+        "vae": (img, out),
     }
 
 

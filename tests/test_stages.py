@@ -94,7 +94,7 @@ def test_nested_mappings_merge_with_defaults_and_null_removes_an_entry():
 @pytest.mark.parametrize("value", [".inf", ".nan", "-.inf"])
 def test_non_finite_numbers_are_rejected(value):
     with pytest.raises(ParamsError, match="finite"):
-        params_mod.from_dict(yaml.safe_load(f"masks: {{min_area: {value}}}"))
+        params_mod.from_dict(yaml.safe_load(f"masks: {{max_area: {value}}}"))
 
 
 def _cli(*args, cwd=ROOT):
