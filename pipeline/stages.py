@@ -23,6 +23,7 @@ MODULES: tuple[str, ...] = (
     "pipeline.split",
     "pipeline.shard",
     "pipeline.export",
+    "pipeline.report",
 )
 
 
