@@ -185,6 +185,7 @@ def _refs(text: str) -> _Refs:
 # --------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow  # the corpus run behind it takes about 40 s
 @pytest.mark.parametrize("which", ["corpus", "model"])
 def test_page_loads_in_headless_chromium(which, corpus_run, model_run, tmp_path):
     browser = find_browser()
@@ -206,6 +207,7 @@ def test_page_loads_in_headless_chromium(which, corpus_run, model_run, tmp_path)
         assert np.asarray(im.convert("L")).std() > 20
 
 
+@pytest.mark.slow  # the corpus run behind it takes about 40 s
 @pytest.mark.parametrize("which", ["corpus", "model"])
 def test_every_referenced_file_exists_and_decodes(which, corpus_run, model_run):
     params = (corpus_run if which == "corpus" else model_run)[0]
@@ -229,6 +231,7 @@ def _section(text: str, sid: str) -> str:
     return m.group(1)
 
 
+@pytest.mark.slow  # the corpus run behind it takes about 40 s
 def test_corpus_sections_show_what_a_person_checks(corpus_run):
     params, _ = corpus_run
     _, text = _page(params)
@@ -273,6 +276,7 @@ def test_corpus_sections_show_what_a_person_checks(corpus_run):
     assert f"({len(rows):,} rows)" in sampling and "smallest" in sampling
 
 
+@pytest.mark.slow  # the corpus run behind it takes about 40 s
 def test_model_sections_absent_say_so_in_one_line(corpus_run):
     _, text = _page(corpus_run[0])
     model = _section(text, "model")
@@ -284,6 +288,7 @@ def test_model_sections_absent_say_so_in_one_line(corpus_run):
     assert "<img" not in model
 
 
+@pytest.mark.slow  # the corpus run behind it takes about 40 s
 def test_model_sections_read_the_documented_files(model_run):
     params, _, info = model_run
     _, text = _page(params)
@@ -307,6 +312,7 @@ def test_model_sections_read_the_documented_files(model_run):
     assert (corner[..., 0] - corner[..., 1]).mean() > 40
 
 
+@pytest.mark.slow  # the corpus run behind it takes about 40 s
 def test_malformed_model_files_show_na_and_never_crash(model_run, tmp_path):
     _, raw, _ = model_run
     p = params_mod.from_dict({**raw, "metrics_dir": str(tmp_path / "metrics"),
@@ -335,6 +341,7 @@ def test_malformed_model_files_show_na_and_never_crash(model_run, tmp_path):
             im.load()
 
 
+@pytest.mark.slow  # the corpus run behind it takes about 40 s
 def test_same_inputs_give_the_same_page(corpus_run, tmp_path):
     params, _ = corpus_run
     inputs, _ = stages.resolve(stages.get("report"), params)
@@ -453,6 +460,26 @@ def test_many_generators_are_capped_and_named(tmp_path):
     assert gens.count("<h3>") == 2 and "3 more generators (fewer rows) not shown" in gens
     # every sample's image is missing here: each panel says so instead of a broken <img>
     assert "no image: FileNotFoundError" in gens and m["thumbnails"] == 0
+
+
+def test_a_page_without_images_loads_in_chromium_too(tmp_path):
+    """The quick browser check (the corpus-run ones are slow): a manifest whose images are
+    gone gives a page that still loads cleanly and says what is missing."""
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium on PATH: `apt-get install chromium` (make install does it as root)")
+    (tmp_path / "data").mkdir()
+    synthetic_manifest(tmp_path / "data" / "manifest.parquet", 2000)
+    p = params_mod.from_dict({"data_dir": str(tmp_path / "data"),
+                              "metrics_dir": str(tmp_path / "metrics"),
+                              "plots_dir": str(tmp_path / "plots")})
+    inputs, out = stages.resolve(stages.get("report"), p)
+    out.mkdir()
+    report.run(p, inputs, out, local_executor())
+    page = load(browser, (out / "index.html").as_uri(), screenshot=tmp_path / "page.png")
+    assert page.console_errors == [] and page.exceptions == [] and page.failed_requests == []
+    assert page.section_ids == list(SECTIONS)
+    assert page.images and all(i["naturalWidth"] > 0 for i in page.images)  # the charts
 
 
 def test_bottom_k_picks_do_not_depend_on_row_order():
