@@ -82,14 +82,31 @@ log = logging.getLogger(__name__)
 
 STAND_IN_PREFIXES = ("tiny-random:", "mid-random:")
 COUNT_DIMS = ("domain", "operation", "generator", "split", "status")
-_CUBE = ("label", "domain", "operation", "generator", "model_id", "split", "status", "stage",
-         "format")
+_CUBE = (
+    "label",
+    "domain",
+    "operation",
+    "generator",
+    "model_id",
+    "split",
+    "status",
+    "stage",
+    "format",
+)
 AREA_BINS = np.geomspace(1e-5, 1.0, 51)  # mask areas span orders of magnitude
 QUALITY_BINS = np.linspace(0.0, 1.0, 51)
 JPEG_BINS = np.arange(0.5, 101.5, 1.0)
 SIZE_BINS = np.arange(4.0, 14.51, 0.25)  # log2 of pixels: 16 px to 23 k px
-SECTIONS = ("counts", "generators", "rejected", "duplicates", "distributions", "exports",
-            "model", "sampling")
+SECTIONS = (
+    "counts",
+    "generators",
+    "rejected",
+    "duplicates",
+    "distributions",
+    "exports",
+    "model",
+    "sampling",
+)
 
 
 @dataclass(frozen=True)
@@ -141,15 +158,22 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     text = page.document(scan, body)
     (out / "index.html").write_text(text, encoding="utf-8")
     files = sorted(f for f in out.rglob("*") if f.is_file())
-    log.info("report: %d rows, %d thumbnails, %d charts -> %s", scan.rows,
-             page.thumbs.count, page.figures, out / "index.html")
+    log.info(
+        "report: %d rows, %d thumbnails, %d charts -> %s",
+        scan.rows,
+        page.thumbs.count,
+        page.figures,
+        out / "index.html",
+    )
     return {
         "total": scan.rows,
         "rows": scan.rows,
         "batches": scan.batches,
-        "sampled": {"generators": {g: len(v) for g, v in sorted(scan.gallery.best.items())},
-                    "rejected": {s: len(v) for s, v in sorted(scan.rejected.best.items())},
-                    "duplicate_groups": len(scan.dup_groups)},
+        "sampled": {
+            "generators": {g: len(v) for g, v in sorted(scan.gallery.best.items())},
+            "rejected": {s: len(v) for s, v in sorted(scan.rejected.best.items())},
+            "duplicate_groups": len(scan.dup_groups),
+        },
         "thumbnails": page.thumbs.count,
         "figures": page.figures,
         "model_sections": model.present(),
@@ -189,7 +213,7 @@ class BottomK:
             rows = table.take(pa.array(ii)).to_pylist()
             cur.extend((float(ranks[i]), r["key"], r) for i, r in zip(ii, rows, strict=True))
             cur.sort(key=lambda t: (t[0], t[1]))
-            del cur[self.k:]
+            del cur[self.k :]
 
     def rows(self, c: str) -> list[dict[str, Any]]:
         return [r for _, _, r in self.best.get(c, [])]
@@ -197,8 +221,9 @@ class BottomK:
 
 def _strs(col: pa.ChunkedArray) -> np.ndarray:
     """A string column as an object array of str, nulls as ''."""
-    return np.asarray(pc.fill_null(col.cast(pa.string()), "").to_numpy(zero_copy_only=False),
-                      dtype=object)
+    return np.asarray(
+        pc.fill_null(col.cast(pa.string()), "").to_numpy(zero_copy_only=False), dtype=object
+    )
 
 
 def _floats(col: pa.ChunkedArray) -> np.ndarray:
@@ -216,11 +241,14 @@ class Scan:
         self.batches = 0
         self.cube: Counter = Counter()  # (label, domain, ..., format) -> rows
         self.hist: dict[str, np.ndarray] = {
-            "area_ok": np.zeros(len(AREA_BINS) - 1), "area_rejected": np.zeros(len(AREA_BINS) - 1),
+            "area_ok": np.zeros(len(AREA_BINS) - 1),
+            "area_rejected": np.zeros(len(AREA_BINS) - 1),
             "quality_ok": np.zeros(len(QUALITY_BINS) - 1),
             "quality_rejected": np.zeros(len(QUALITY_BINS) - 1),
-            "jpeg_real": np.zeros(len(JPEG_BINS) - 1), "jpeg_forged": np.zeros(len(JPEG_BINS) - 1),
-            "side_real": np.zeros(len(SIZE_BINS) - 1), "side_forged": np.zeros(len(SIZE_BINS) - 1),
+            "jpeg_real": np.zeros(len(JPEG_BINS) - 1),
+            "jpeg_forged": np.zeros(len(JPEG_BINS) - 1),
+            "side_real": np.zeros(len(SIZE_BINS) - 1),
+            "side_forged": np.zeros(len(SIZE_BINS) - 1),
             "size2d": np.zeros((len(SIZE_BINS) - 1, len(SIZE_BINS) - 1)),
         }
         self.gallery = BottomK(p.samples_per_generator)
@@ -274,8 +302,9 @@ class Scan:
         side = np.clip(np.maximum(lw, lh), *clip)
         self._h("side_real", side[sized & real], SIZE_BINS)
         self._h("side_forged", side[sized & ~real], SIZE_BINS)
-        h2, _, _ = np.histogram2d(np.clip(lw[sized], *clip), np.clip(lh[sized], *clip),
-                                  bins=[SIZE_BINS, SIZE_BINS])
+        h2, _, _ = np.histogram2d(
+            np.clip(lw[sized], *clip), np.clip(lh[sized], *clip), bins=[SIZE_BINS, SIZE_BINS]
+        )
         self.hist["size2d"] += h2
         # samples: bottom-k by a stable hash of (seed, key)
         keys = _strs(self._col(t, "key"))
@@ -288,7 +317,9 @@ class Scan:
         self.gallery.offer(t, np.where(generator == "", "(none)", generator), ranks, gallery)
         self.rejected.offer(t, status, ranks, rejected)
         group = _strs(self._col(t, "group_id"))
-        dup = ((status == "duplicate") | (_strs(self._col(t, "duplicate_of")) != "")) & (group != "")
+        dup = ((status == "duplicate") | (_strs(self._col(t, "duplicate_of")) != "")) & (
+            group != ""
+        )
         self.dup_rows += int(dup.sum())
         if dup.any() and self.p.duplicate_groups:
             for g in set(group[dup].tolist()):
@@ -310,18 +341,26 @@ class Scan:
     def second_pass(self, manifest: Path, extra_keys: Iterable[str] = ()) -> None:
         """Members of the picked duplicate groups, and rows named by key (parents of picks
         without a parent blob, the evaluation's worst samples)."""
-        keys = {r["parent_key"] for r in self.picks() if r.get("parent_key") and not r.get("parent_blob")}
+        keys = {
+            r["parent_key"]
+            for r in self.picks()
+            if r.get("parent_key") and not r.get("parent_blob")
+        }
         keys |= set(extra_keys)
         groups = set(self.dup_groups)
         if not keys and not groups:
             return
         pf = pq.ParquetFile(manifest)
         names = [n for n in pf.schema_arrow.names if n in FIELDS]
-        key_set, group_set = pa.array(sorted(keys), pa.string()), pa.array(sorted(groups), pa.string())
+        key_set, group_set = (
+            pa.array(sorted(keys), pa.string()),
+            pa.array(sorted(groups), pa.string()),
+        )
         for batch in pf.iter_batches(batch_size=self.p.batch_rows, columns=names):
             t = pa.Table.from_batches([batch])
-            hit = pc.or_kleene(pc.is_in(t["key"], value_set=key_set),
-                               pc.is_in(t["group_id"], value_set=group_set))
+            hit = pc.or_kleene(
+                pc.is_in(t["key"], value_set=key_set), pc.is_in(t["group_id"], value_set=group_set)
+            )
             hit = pc.fill_null(hit, False)
             if not pc.any(hit).as_py():
                 continue
@@ -341,7 +380,7 @@ class Scan:
         cur.append(r)
         # the shipped one first, then by rank; keep a bounded list
         cur.sort(key=lambda m: (not _shipped(m), m["_rank"], m["key"]))
-        del cur[max(1, self.p.members_per_group):]
+        del cur[max(1, self.p.members_per_group) :]
 
     # ---- marginals of the cube
     def count(self, dims: tuple[str, ...], where: dict[str, Any] | None = None) -> Counter:
@@ -437,7 +476,12 @@ class Thumbs:
     def fit_mask(self, m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """A boolean mask at the thumbnail size of an image of `shape`: any covered pixel counts."""
         if m.shape != tuple(shape[:2]):
-            m = cv2.resize(m.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+            m = (
+                cv2.resize(
+                    m.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST
+                )
+                > 0
+            )
         return self.fit(m.astype(np.uint8) * 255, pool=True) > 0
 
     def save(self, name: str, rgb: np.ndarray) -> Pic:
@@ -461,14 +505,25 @@ class Thumbs:
             return f"no image: {why}"
         return self.save(name, self.fit(a))
 
-    def overlay(self, key: str, image: np.ndarray, mask: np.ndarray | None,
-                requested: np.ndarray | None = None, tag: str = "overlay") -> Pic:
+    def overlay(
+        self,
+        key: str,
+        image: np.ndarray,
+        mask: np.ndarray | None,
+        requested: np.ndarray | None = None,
+        tag: str = "overlay",
+    ) -> Pic:
         from pipeline.inspect import overlay
 
         small = self.fit(image)
         if mask is not None and mask.all():  # the whole image: a red frame keeps it visible
-            small = cv2.rectangle(np.ascontiguousarray(small), (0, 0),
-                                  (small.shape[1] - 1, small.shape[0] - 1), (255, 0, 0), 4)
+            small = cv2.rectangle(
+                np.ascontiguousarray(small),
+                (0, 0),
+                (small.shape[1] - 1, small.shape[0] - 1),
+                (255, 0, 0),
+                4,
+            )
         elif mask is not None:
             small = overlay(small, self.fit_mask(mask, image.shape))
         if requested is not None:
@@ -503,8 +558,12 @@ class Thumbs:
 
         key = r["key"]
         if r.get("label") == "real":  # nothing was changed: the image is all there is
-            return [("image", self.image(key, r.get("blob")) if r.get("blob")
-                     else "no image: none stored")]
+            return [
+                (
+                    "image",
+                    self.image(key, r.get("blob")) if r.get("blob") else "no image: none stored",
+                )
+            ]
         forged, why = self.load(r.get("blob")) if r.get("blob") else (None, "none written")
         original, owhy = self.load(parent_blob) if parent_blob else (None, "")
         # a fully generated image only borrows its source's size and format
@@ -517,11 +576,16 @@ class Thumbs:
         elif r.get("label") == "real":
             source = "real image (no source)"
         else:
-            source = "no source image" + (" (generated from text or noise)"
-                                          if r.get("label") == "synthetic" else "")
+            source = "no source image" + (
+                " (generated from text or noise)" if r.get("label") == "synthetic" else ""
+            )
         if forged is None:
-            return [(src_cap, source), ("image", f"no image: {why}"),
-                    ("mask overlay", "-"), ("difference", "-")]
+            return [
+                (src_cap, source),
+                ("image", f"no image: {why}"),
+                ("mask overlay", "-"),
+                ("difference", "-"),
+            ]
         image = self.save(f"{key}-img", self.fit(forged))
         mask = self.mask_of(r, forged.shape)
         requested = None
@@ -546,8 +610,10 @@ class Thumbs:
                 except Exception as e:  # noqa: BLE001
                     note = f"differencing failed: {type(e).__name__}: {e}"
             else:
-                note = (f"source {original.shape[1]}x{original.shape[0]} and image "
-                        f"{forged.shape[1]}x{forged.shape[0]} differ in size")
+                note = (
+                    f"source {original.shape[1]}x{original.shape[0]} and image "
+                    f"{forged.shape[1]}x{forged.shape[0]} differ in size"
+                )
         heat: Pic | str = self.heat(key, diff) if diff is not None else note
         over_cap = "mask: whole image" if r.get("mask_source") == "full" else "mask overlay"
         return [(src_cap, source), ("image", image), (over_cap, over), ("difference", heat)]
@@ -641,15 +707,20 @@ def table(headers: list[str], rows: list[list[Any]], cls: str = "") -> str:
             else:
                 cells.append(f"<td>{c}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>'
-            + "".join(body) + "</tbody></table>")
+    return (
+        f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>'
+        + "".join(body)
+        + "</tbody></table>"
+    )
 
 
 def img(pic: Pic | str, alt: str, cls: str = "") -> str:
     if isinstance(pic, str):
         return f'<div class="missing {cls}">{esc(pic)}</div>'
-    return (f'<img class="{cls}" src="{esc(pic.src)}" width="{pic.width}" height="{pic.height}" '
-            f'alt="{esc(alt)}">')
+    return (
+        f'<img class="{cls}" src="{esc(pic.src)}" width="{pic.width}" height="{pic.height}" '
+        f'alt="{esc(alt)}">'
+    )
 
 
 def section(sid: str, title: str, body: str, lead: str = "") -> str:
@@ -736,13 +807,14 @@ class Page:
         nav = "".join(f'<a href="#{s}">{s}</a>' for s in SECTIONS)
         title = f"fakeforge report: {self.params.data_dir}"
         return (
-            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             '<link rel="icon" href="data:,">'
             f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body>"
             f'<header><h1>fakeforge report</h1><span class="meta">data_dir {code(self.params.data_dir)}'
             f" · {scan.rows:,} rows · seed {self.params.seed}</span><nav>{nav}</nav></header>\n"
-            f'<main style="--t:{self.params.report.thumb_px}px">\n' + "\n".join(body)
+            f'<main style="--t:{self.params.report.thumb_px}px">\n'
+            + "\n".join(body)
             + "\n</main></body></html>\n"
         )
 
@@ -751,17 +823,30 @@ class Page:
         cells = []
         for cap, pic in panels:
             alt = f"{cap} of {r['key']}"
-            cells.append(f'<div class="panel"><div class="thumbbox">{img(pic, alt)}'
-                         f'</div><div class="cap">{esc(cap)}</div></div>')
-        lines = [(f"<div>key {code(r['key'])} · {esc(_label(r.get('domain')))} / "
-                  f"{esc(_label(r.get('operation')))} · split {esc(_label(r.get('split')))}</div>")]
+            cells.append(
+                f'<div class="panel"><div class="thumbbox">{img(pic, alt)}'
+                f'</div><div class="cap">{esc(cap)}</div></div>'
+            )
+        lines = [
+            (
+                f"<div>key {code(r['key'])} · {esc(_label(r.get('domain')))} / "
+                f"{esc(_label(r.get('operation')))} · split {esc(_label(r.get('split')))}</div>"
+            )
+        ]
         mid = r.get("model_id")
         if mid or r.get("generator"):
-            badge = '<span class="badge standin">random-weight stand-in</span>' if stand_in(mid) else ""
-            lines.append(f"<div>{esc(_label(r.get('generator')))} {esc(r.get('generator_version') or '')}"
-                         f" · model {code(mid or '(none: classical)')}{badge}</div>")
-        size = (f"{r.get('width')}x{r.get('height')} {r.get('format') or ''}"
-                if r.get("width") else "size n/a")
+            badge = (
+                '<span class="badge standin">random-weight stand-in</span>' if stand_in(mid) else ""
+            )
+            lines.append(
+                f"<div>{esc(_label(r.get('generator')))} {esc(r.get('generator_version') or '')}"
+                f" · model {code(mid or '(none: classical)')}{badge}</div>"
+            )
+        size = (
+            f"{r.get('width')}x{r.get('height')} {r.get('format') or ''}"
+            if r.get("width")
+            else "size n/a"
+        )
         q = r.get("mask_quality")
         iou = r.get("mask_iou_requested")
         area = r.get("mask_area")
@@ -769,12 +854,16 @@ class Page:
             f"<div>{esc(size)} · mask {esc(_label(r.get('mask_source')))} "
             f"area {'n/a' if area is None else f'{area:.1%}'} · quality "
             f"{'n/a' if q is None else f'{q:.2f}'}"
-            + ("" if iou is None else f" · IoU vs requested {iou:.2f}") + "</div>")
+            + ("" if iou is None else f" · IoU vs requested {iou:.2f}")
+            + "</div>"
+        )
         if r.get("label") == "real" and r.get("uri"):
             lines.append(f"<div>file {esc('/'.join(str(r['uri']).split('/')[-2:]))}</div>")
         lines += extra
-        return (f'<div class="sample"><div class="panels">{"".join(cells)}</div>'
-                f'<div class="meta-lines">{"".join(lines)}</div></div>')
+        return (
+            f'<div class="sample"><div class="panels">{"".join(cells)}</div>'
+            f'<div class="meta-lines">{"".join(lines)}</div></div>'
+        )
 
 
 # --------------------------------------------------------------------------- sections
@@ -783,14 +872,26 @@ class Page:
 def counts_section(scan: Scan, params: Params, page: Page) -> str:
     total = scan.rows
     ok = sum(n for k, n in scan.cube.items() if k[_CUBE.index("status")] == "ok")
-    shipped = sum(n for k, n in scan.cube.items()
-                  if k[_CUBE.index("status")] == "ok" and k[_CUBE.index("split")] is not None)
+    shipped = sum(
+        n
+        for k, n in scan.cube.items()
+        if k[_CUBE.index("status")] == "ok" and k[_CUBE.index("split")] is not None
+    )
     real = sum(n for (lab,), n in scan.count(("label",)).items() if lab == "real")
-    cards = [("rows", total), ("shipped", shipped), ("status ok", ok),
-             ("other status", total - ok), ("real", real), ("forged", total - real),
-             ("duplicates", scan.dup_rows)]
-    out = ['<div class="cards">' + "".join(
-        f'<div class="card"><b>{fmt(v)}</b><span>{esc(k)}</span></div>' for k, v in cards) + "</div>"]
+    cards = [
+        ("rows", total),
+        ("shipped", shipped),
+        ("status ok", ok),
+        ("other status", total - ok),
+        ("real", real),
+        ("forged", total - real),
+        ("duplicates", scan.dup_rows),
+    ]
+    out = [
+        '<div class="cards">'
+        + "".join(f'<div class="card"><b>{fmt(v)}</b><span>{esc(k)}</span></div>' for k, v in cards)
+        + "</div>"
+    ]
     blocks = []
     for dim in COUNT_DIMS:
         rows = scan.by(dim)
@@ -804,12 +905,21 @@ def counts_section(scan: Scan, params: Params, page: Page) -> str:
             for (st, sg), _ in sorted(stage_of.items(), key=lambda t: str(t)):
                 if sg:
                     stages[st].append(sg)
-            trs = [[esc(_label(v)), n, esc(", ".join(stages.get(v, [])) or "-"),
-                    f"{n / max(total, 1):.1%}"] for v, n, _ in rows]
+            trs = [
+                [
+                    esc(_label(v)),
+                    n,
+                    esc(", ".join(stages.get(v, [])) or "-"),
+                    f"{n / max(total, 1):.1%}",
+                ]
+                for v, n, _ in rows
+            ]
             tab = table(["status", "rows", "set by stage", "share"], trs)
         else:
             tab = table([dim, "rows", "ok", "other", "share"], trs)
-        blocks.append(f'<div class="block"><div class="row">{img(pic, f"rows by {dim}")}{tab}</div></div>')
+        blocks.append(
+            f'<div class="block"><div class="row">{img(pic, f"rows by {dim}")}{tab}</div></div>'
+        )
     out.append('<div class="row">' + "".join(blocks) + "</div>")
     # domain x operation of ok rows, label x split
     cross = scan.count(("domain", "operation"), where={"status": "ok"})
@@ -820,15 +930,22 @@ def counts_section(scan: Scan, params: Params, page: Page) -> str:
     splits = sorted({s for _, s in ls}, key=_label)
     labels = sorted({lab for lab, _ in ls}, key=_label)
     rows2 = [[esc(_label(lab))] + [ls.get((lab, s), 0) for s in splits] for lab in labels]
-    out.append('<div class="row"><div><h3>domain x operation (status ok)</h3>'
-               + table(["domain"] + [_label(o) for o in ops], rows)
-               + "</div><div><h3>label x split (all rows)</h3>"
-               + table(["label"] + [_label(s) for s in splits], rows2) + "</div></div>")
+    out.append(
+        '<div class="row"><div><h3>domain x operation (status ok)</h3>'
+        + table(["domain"] + [_label(o) for o in ops], rows)
+        + "</div><div><h3>label x split (all rows)</h3>"
+        + table(["label"] + [_label(s) for s in splits], rows2)
+        + "</div></div>"
+    )
     out.append(stage_metrics(params))
-    return section("counts", "Counts", "".join(out),
-                   f"All {total:,} rows of <code>data/manifest.parquet</code> (every record of the "
-                   "run, shipped or not), counted exactly. Orange: rows with a status other than "
-                   "ok (rejected, duplicate, failed).")
+    return section(
+        "counts",
+        "Counts",
+        "".join(out),
+        f"All {total:,} rows of <code>data/manifest.parquet</code> (every record of the "
+        "run, shipped or not), counted exactly. Orange: rows with a status other than "
+        "ok (rejected, duplicate, failed).",
+    )
 
 
 def stage_metrics(params: Params) -> str:
@@ -844,13 +961,26 @@ def stage_metrics(params: Params) -> str:
             continue
         statuses = m.get("by_status") if isinstance(m.get("by_status"), dict) else {}
         st = ", ".join(f"{esc(k)} {fmt(v)}" for k, v in statuses.items()) or "n/a"
-        figures = ", ".join(f"{esc(k)} {fmt(v)}" for k, v in m.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)
-                            and k not in ("seconds", "total"))
-        rows.append([esc(name), _num(m.get("seconds")), _num(m.get("total")),
-                     st + (f'<div class="note">{figures}</div>' if figures else "")])
-    return ("<h3>stages</h3>" + table(["stage", "seconds", "rows", "statuses and figures"], rows)
-            + note(f"from {code(params.metrics_dir)}/&lt;stage&gt;.json"))
+        figures = ", ".join(
+            f"{esc(k)} {fmt(v)}"
+            for k, v in m.items()
+            if isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and k not in ("seconds", "total")
+        )
+        rows.append(
+            [
+                esc(name),
+                _num(m.get("seconds")),
+                _num(m.get("total")),
+                st + (f'<div class="note">{figures}</div>' if figures else ""),
+            ]
+        )
+    return (
+        "<h3>stages</h3>"
+        + table(["stage", "seconds", "rows", "statuses and figures"], rows)
+        + note(f"from {code(params.metrics_dir)}/&lt;stage&gt;.json")
+    )
 
 
 def generators_section(scan: Scan, page: Page) -> str:
@@ -863,29 +993,51 @@ def generators_section(scan: Scan, page: Page) -> str:
     for g, total, ok in gens[:limit]:
         mids = sorted({m for (gg, m) in models if gg == g and m}, key=str)
         standin = any(stand_in(m) for m in mids)
-        badge = '<span class="badge standin">random-weight stand-in: pixels are not realistic</span>' if standin else ""
+        badge = (
+            '<span class="badge standin">random-weight stand-in: pixels are not realistic</span>'
+            if standin
+            else ""
+        )
         rows = scan.gallery.rows(g)
         shown = len(rows)
-        where = ", ".join(f"{_label(d)} / {_label(o)}" for (gg, d, o) in sorted(
-            (k for k in cells if k[0] == g), key=lambda k: (_label(k[1]), _label(k[2]))))
+        where = ", ".join(
+            f"{_label(d)} / {_label(o)}"
+            for (gg, d, o) in sorted(
+                (k for k in cells if k[0] == g), key=lambda k: (_label(k[1]), _label(k[2]))
+            )
+        )
         mtext = ", ".join(code(m) for m in mids) or "(none: classical)"
-        head = (f"<h3>{esc(g)}{badge}</h3><p class=\"note\">{esc(where)} · model {mtext}"
-                f" · {ok:,} ok of {total:,} rows · showing {shown} of "
-                f"{scan.gallery.seen.get(g, 0):,} ok forgeries</p>")
-        cards = [page.sample_card(r, r.get("parent_blob") or _parent_blob(scan, r), []) for r in rows]
-        body = f'<div class="samples">{"".join(cards)}</div>' if cards else note("no ok forgeries from this generator")
+        head = (
+            f'<h3>{esc(g)}{badge}</h3><p class="note">{esc(where)} · model {mtext}'
+            f" · {ok:,} ok of {total:,} rows · showing {shown} of "
+            f"{scan.gallery.seen.get(g, 0):,} ok forgeries</p>"
+        )
+        cards = [
+            page.sample_card(r, r.get("parent_blob") or _parent_blob(scan, r), []) for r in rows
+        ]
+        body = (
+            f'<div class="samples">{"".join(cards)}</div>'
+            if cards
+            else note("no ok forgeries from this generator")
+        )
         out.append(f'<div class="block">{head}{body}</div>')
     if not out:
         out.append(note("no forgeries in this run"))
     if len(gens) > limit:
         rest = ", ".join(esc(g) for g, _, _ in gens[limit:])
-        out.append(note(f"{len(gens) - limit} more generators (fewer rows) not shown "
-                        f"(report.max_generators = {limit}): {rest}"))
-    lead = ("Per generator, a few shipped forgeries: the source image, the forgery, its mask drawn "
-            "over the forgery (red; the region the generator was asked to change outlined in cyan) "
-            "and the difference map against the source (kept diff map, else recomputed with the "
-            "masks params). A full-size view of any sample: <code>python -m pipeline inspect KEY "
-            "--params params.yaml</code>.")
+        out.append(
+            note(
+                f"{len(gens) - limit} more generators (fewer rows) not shown "
+                f"(report.max_generators = {limit}): {rest}"
+            )
+        )
+    lead = (
+        "Per generator, a few shipped forgeries: the source image, the forgery, its mask drawn "
+        "over the forgery (red; the region the generator was asked to change outlined in cyan) "
+        "and the difference map against the source (kept diff map, else recomputed with the "
+        "masks params). A full-size view of any sample: <code>python -m pipeline inspect KEY "
+        "--params params.yaml</code>."
+    )
     return section("generators", "Samples per generator", "".join(out), lead)
 
 
@@ -903,23 +1055,38 @@ def rejected_section(scan: Scan, page: Page) -> str:
     reasons = [(s, n) for s, n, _ in scan.by("status") if s not in ("ok", "duplicate")]
     for status, n in reasons:
         rows = scan.rejected.rows(status)
-        cards = [page.sample_card(r, r.get("parent_blob") or _parent_blob(scan, r),
-                                  [f'<div class="err">{esc(r.get("stage") or "?")}: {esc(r.get("error") or "(no error text)")}</div>'])
-                 for r in rows]
-        out.append(f'<div class="block"><h3>{esc(_label(status))}<span class="badge reason">{_rows(n)}</span></h3>'
-                   f'<p class="note">showing {len(rows)} of {n:,}</p><div class="samples">{"".join(cards)}</div></div>')
+        cards = [
+            page.sample_card(
+                r,
+                r.get("parent_blob") or _parent_blob(scan, r),
+                [
+                    f'<div class="err">{esc(r.get("stage") or "?")}: {esc(r.get("error") or "(no error text)")}</div>'
+                ],
+            )
+            for r in rows
+        ]
+        out.append(
+            f'<div class="block"><h3>{esc(_label(status))}<span class="badge reason">{_rows(n)}</span></h3>'
+            f'<p class="note">showing {len(rows)} of {n:,}</p><div class="samples">{"".join(cards)}</div></div>'
+        )
     if not out:
         out.append(note("no rejected rows in this run: every row has status ok or duplicate"))
-    return section("rejected", "Rejected samples by reason", "".join(out),
-                   "Rows that were not shipped, per reason, with the error each one recorded, so "
-                   "the filters can be checked by eye. Near-duplicates are in the next section.")
+    return section(
+        "rejected",
+        "Rejected samples by reason",
+        "".join(out),
+        "Rows that were not shipped, per reason, with the error each one recorded, so "
+        "the filters can be checked by eye. Near-duplicates are in the next section.",
+    )
 
 
 def duplicates_section(scan: Scan, page: Page) -> str:
     dedup = read_json(page.params.metrics / "dedup.json") or {}
     dedup = dedup.get("dedup") if isinstance(dedup.get("dedup"), dict) else dedup
-    figures = (f"dedup metrics: {fmt(dedup.get('groups'))} groups, {fmt(dedup.get('exact_duplicates'))} "
-               f"exact and {fmt(dedup.get('near_duplicates'))} near duplicates")
+    figures = (
+        f"dedup metrics: {fmt(dedup.get('groups'))} groups, {fmt(dedup.get('exact_duplicates'))} "
+        f"exact and {fmt(dedup.get('near_duplicates'))} near duplicates"
+    )
     out = [note(f"{_rows(scan.dup_rows)} marked as duplicates · {figures}")]
     for g in sorted(scan.dup_groups, key=lambda k: (scan.dup_groups[k], k)):
         members = scan.members.get(g, [])
@@ -933,24 +1100,34 @@ def duplicates_section(scan: Scan, page: Page) -> str:
                 badge = '<span class="badge shipped">shipped (keep_duplicates)</span>'
             else:
                 badge = f'<span class="badge dropped">{esc(m.get("status"))}</span>'
-            why = m.get("error") or (f"duplicate of {m['duplicate_of']} ({m.get('duplicate_kind')})"
-                                     if m.get("duplicate_of") else "")
+            why = m.get("error") or (
+                f"duplicate of {m['duplicate_of']} ({m.get('duplicate_kind')})"
+                if m.get("duplicate_of")
+                else ""
+            )
             size = f"{m.get('width')}x{m.get('height')} {m.get('format') or ''} · {fmt(m.get('nbytes'))} bytes"
             where = "/".join(str(m.get("uri") or m.get("source") or "").split("/")[-2:])
             cards.append(
                 f'<div class="sample"><div class="panel"><div class="thumbbox">{img(pic, m["key"])}</div></div>'
                 f'<div class="meta-lines wrap" style="max-width:var(--t)"><div>{badge}</div>'
                 f"<div>{code(m['key'])}</div><div>{esc(size)}</div><div>{esc(where)}</div>"
-                f'<div class="err">{esc(why)}</div></div></div>')
-        out.append(f'<div class="block"><h3>group {code(g)}</h3><p class="note">{n_real} real members '
-                   f"(showing {len(members)}), {n_forged} forgeries made from the group</p>"
-                   f'<div class="samples">{"".join(cards)}</div></div>')
+                f'<div class="err">{esc(why)}</div></div></div>'
+            )
+        out.append(
+            f'<div class="block"><h3>group {code(g)}</h3><p class="note">{n_real} real members '
+            f"(showing {len(members)}), {n_forged} forgeries made from the group</p>"
+            f'<div class="samples">{"".join(cards)}</div></div>'
+        )
     if not scan.dup_groups:
         out.append(note("no near-duplicate groups with more than one real member in this run"))
-    return section("duplicates", "Near-duplicate groups", "".join(out),
-                   "Groups of exact or perceptual (pHash) copies; one real member per group is "
-                   "shipped (the largest image, then the most bytes), the others are marked "
-                   "<code>duplicate</code> with the kept one named.")
+    return section(
+        "duplicates",
+        "Near-duplicate groups",
+        "".join(out),
+        "Groups of exact or perceptual (pHash) copies; one real member per group is "
+        "shipped (the largest image, then the most bytes), the others are marked "
+        "<code>duplicate</code> with the kept one named.",
+    )
 
 
 def distributions_section(scan: Scan, page: Page) -> str:
@@ -965,12 +1142,20 @@ def distributions_section(scan: Scan, page: Page) -> str:
 
         top = float(h["size2d"].max())
         norm = LogNorm(vmin=1, vmax=top) if top > 50 else Normalize(vmin=0, vmax=top)
-        m = ax.pcolormesh(2 ** SIZE_BINS, 2 ** SIZE_BINS, np.ma.masked_equal(h["size2d"].T, 0),
-                          norm=norm, cmap="viridis")
+        m = ax.pcolormesh(
+            2**SIZE_BINS,
+            2**SIZE_BINS,
+            np.ma.masked_equal(h["size2d"].T, 0),
+            norm=norm,
+            cmap="viridis",
+        )
         bar = fig.colorbar(m, ax=ax, label="rows")
         bar.ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
         nz = np.argwhere(h["size2d"] > 0)
-        lo, hi = 2 ** SIZE_BINS[max(nz.min() - 2, 0)], 2 ** SIZE_BINS[min(nz.max() + 3, len(SIZE_BINS) - 1)]
+        lo, hi = (
+            2 ** SIZE_BINS[max(nz.min() - 2, 0)],
+            2 ** SIZE_BINS[min(nz.max() + 3, len(SIZE_BINS) - 1)],
+        )
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
     ax.set_xscale("log", base=2)
@@ -979,35 +1164,83 @@ def distributions_section(scan: Scan, page: Page) -> str:
     ax.set_ylabel("height (px)")
     ax.set_title("image sizes (all rows with a size)", fontsize=9, loc="left")
     pics.append(ch.save(fig, "dist_size2d"))
-    pics.append(_step_hist(ch, "dist_side", "longest side (px), real vs forged", 2 ** SIZE_BINS,
-                           [("real", h["side_real"], REAL_COLOR), ("forged", h["side_forged"], FAKE_COLOR)],
-                           logx=2, density=True))
-    pics.append(_step_hist(ch, "dist_area", "mask area (tampered rows)", AREA_BINS,
-                           [("status ok", h["area_ok"], OK_COLOR),
-                            ("rejected", h["area_rejected"], BAD_COLOR)], logx=10,
-                           xlabel="fraction of pixels (log)"))
-    pics.append(_step_hist(ch, "dist_quality", "mask quality (derived masks)", QUALITY_BINS,
-                           [("status ok", h["quality_ok"], OK_COLOR),
-                            ("rejected", h["quality_rejected"], BAD_COLOR)], xlabel="quality (0 to 1)"))
-    pics.append(_step_hist(ch, "dist_jpeg", "JPEG quality estimate, real vs forged", JPEG_BINS,
-                           [("real", h["jpeg_real"], REAL_COLOR), ("forged", h["jpeg_forged"], FAKE_COLOR)],
-                           density=True, xlabel="quality"))
+    pics.append(
+        _step_hist(
+            ch,
+            "dist_side",
+            "longest side (px), real vs forged",
+            2**SIZE_BINS,
+            [("real", h["side_real"], REAL_COLOR), ("forged", h["side_forged"], FAKE_COLOR)],
+            logx=2,
+            density=True,
+        )
+    )
+    pics.append(
+        _step_hist(
+            ch,
+            "dist_area",
+            "mask area (tampered rows)",
+            AREA_BINS,
+            [("status ok", h["area_ok"], OK_COLOR), ("rejected", h["area_rejected"], BAD_COLOR)],
+            logx=10,
+            xlabel="fraction of pixels (log)",
+        )
+    )
+    pics.append(
+        _step_hist(
+            ch,
+            "dist_quality",
+            "mask quality (derived masks)",
+            QUALITY_BINS,
+            [
+                ("status ok", h["quality_ok"], OK_COLOR),
+                ("rejected", h["quality_rejected"], BAD_COLOR),
+            ],
+            xlabel="quality (0 to 1)",
+        )
+    )
+    pics.append(
+        _step_hist(
+            ch,
+            "dist_jpeg",
+            "JPEG quality estimate, real vs forged",
+            JPEG_BINS,
+            [("real", h["jpeg_real"], REAL_COLOR), ("forged", h["jpeg_forged"], FAKE_COLOR)],
+            density=True,
+            xlabel="quality",
+        )
+    )
     fmts = scan.count(("format", "label"))
     labels = sorted({lab for _, lab in fmts}, key=_label)
     names = sorted({f for f, _ in fmts}, key=_label)
     rows = [[esc(_label(f))] + [fmts.get((f, lab), 0) for lab in labels] for f in names]
-    body = ('<div class="row">' + "".join(f"<figure>{img(p, p.src)}</figure>" for p in pics)
-            + "<div><h3>format x label</h3>" + table(["format"] + [_label(x) for x in labels], rows)
-            + "</div></div>")
-    return section("distributions", "Distributions", body,
-                   "Exact histograms over every row. Real and forged rows should look alike in "
-                   "size, format and JPEG quality: any difference there is a shortcut a detector "
-                   "can learn instead of the forgery itself (real vs forged curves are normalised).")
+    body = (
+        '<div class="row">'
+        + "".join(f"<figure>{img(p, p.src)}</figure>" for p in pics)
+        + "<div><h3>format x label</h3>"
+        + table(["format"] + [_label(x) for x in labels], rows)
+        + "</div></div>"
+    )
+    return section(
+        "distributions",
+        "Distributions",
+        body,
+        "Exact histograms over every row. Real and forged rows should look alike in "
+        "size, format and JPEG quality: any difference there is a shortcut a detector "
+        "can learn instead of the forgery itself (real vs forged curves are normalised).",
+    )
 
 
-def _step_hist(ch: Charts, name: str, title: str, bins: np.ndarray,
-               series: list[tuple[str, np.ndarray, str]], logx: int = 0,
-               density: bool = False, xlabel: str = "") -> Pic:
+def _step_hist(
+    ch: Charts,
+    name: str,
+    title: str,
+    bins: np.ndarray,
+    series: list[tuple[str, np.ndarray, str]],
+    logx: int = 0,
+    density: bool = False,
+    xlabel: str = "",
+) -> Pic:
     fig, ax = ch.new(4.2, 3.4)
     drawn = False
     for i, (label, counts, color) in enumerate(series):
@@ -1016,11 +1249,18 @@ def _step_hist(ch: Charts, name: str, title: str, bins: np.ndarray,
             continue
         y = counts / total if density else counts
         if density:  # outlines; the second dashed so that equal curves both show
-            ax.stairs(y, bins, label=f"{label} ({int(total):,})", color=color,
-                      linewidth=2.4 if i == 0 else 1.4, linestyle="-" if i == 0 else "--")
+            ax.stairs(
+                y,
+                bins,
+                label=f"{label} ({int(total):,})",
+                color=color,
+                linewidth=2.4 if i == 0 else 1.4,
+                linestyle="-" if i == 0 else "--",
+            )
         else:
-            ax.stairs(y, bins, label=f"{label} ({int(total):,})", color=color, fill=True,
-                      alpha=0.55)
+            ax.stairs(
+                y, bins, label=f"{label} ({int(total):,})", color=color, fill=True, alpha=0.55
+            )
         drawn = True
     if not drawn:
         ax.text(0.5, 0.5, "no rows", ha="center", va="center", transform=ax.transAxes, color="#888")
@@ -1055,11 +1295,17 @@ def exports_section(scan: Scan, params: Params, exports_dir: Path | None, page: 
             planned[folder] = (name, spec, f * p.fraction)
     # the shippable pool per split and cell, from the manifest counts
     pool: dict[str, Counter] = defaultdict(Counter)
-    for (lab, dom, op, split), n in scan.count(("label", "domain", "operation", "split"),
-                                                where={"status": "ok"}).items():
+    for (lab, dom, op, split), n in scan.count(
+        ("label", "domain", "operation", "split"), where={"status": "ok"}
+    ).items():
         if split is not None:
-            pool[split][cell(Record(key="", source="", label=lab or "real", domain=dom,
-                                    operation=op or "none"))] += n
+            pool[split][
+                cell(
+                    Record(
+                        key="", source="", label=lab or "real", domain=dom, operation=op or "none"
+                    )
+                )
+            ] += n
     by_name: dict[str, list[Path]] = defaultdict(list)
     for d in folders:
         by_name[planned[d.name][0] if d.name in planned else d.name].append(d)
@@ -1070,47 +1316,74 @@ def exports_section(scan: Scan, params: Params, exports_dir: Path | None, page: 
         spec = planned[dirs[0].name][1] if dirs[0].name in planned else None
         splits = sorted({s for c in counts.values() for s in c}, key=lambda s: (s != "train", s))
         focus = "train" if "train" in splits else (splits[0] if splits else None)
-        cells = sorted({c for cnt in counts.values() for s in cnt for c in cnt[s]} | set(pool.get(focus, {})))
-        target = shares(list(pool.get(focus, {})), spec) if spec is not None and spec.balance else {}
+        cells = sorted(
+            {c for cnt in counts.values() for s in cnt for c in cnt[s]} | set(pool.get(focus, {}))
+        )
+        target = (
+            shares(list(pool.get(focus, {})), spec) if spec is not None and spec.balance else {}
+        )
         head = ["cell (domain / operation)", f"available ({focus})", "target share"]
-        short = {d.name: d.name[len(name) + 1:] if d.name.startswith(name + "-") else d.name
-                 for d in dirs}
+        short = {
+            d.name: d.name[len(name) + 1 :] if d.name.startswith(name + "-") else d.name
+            for d in dirs
+        }
         head += [short[d.name] for d in dirs] + [f"share in {short[dirs[-1].name]}"]
         last = counts[dirs[-1].name].get(focus, Counter())
         last_total = sum(last.values())
         rows = []
         for c in cells:
             t = target.get(c)
-            rows.append([esc(f"{_label(c[0])} / {_label(c[1])}"), pool.get(focus, {}).get(c, 0),
-                         "n/a" if t is None else f"{t:.1%}"]
-                        + [counts[d.name].get(focus, Counter()).get(c, 0) for d in dirs]
-                        + [f"{last.get(c, 0) / last_total:.1%}" if last_total else "n/a"])
-        totals = [[esc(s)] + [sum(counts[d.name].get(s, Counter()).values()) for d in dirs]
-                  for s in splits]
+            rows.append(
+                [
+                    esc(f"{_label(c[0])} / {_label(c[1])}"),
+                    pool.get(focus, {}).get(c, 0),
+                    "n/a" if t is None else f"{t:.1%}",
+                ]
+                + [counts[d.name].get(focus, Counter()).get(c, 0) for d in dirs]
+                + [f"{last.get(c, 0) / last_total:.1%}" if last_total else "n/a"]
+            )
+        totals = [
+            [esc(s)] + [sum(counts[d.name].get(s, Counter()).values()) for d in dirs]
+            for s in splits
+        ]
         totals_head = ["split"] + [short[d.name] for d in dirs]
         fr = ", ".join(f"{d.name}: {planned[d.name][2]:g}" for d in dirs if d.name in planned)
-        desc = (f"balance {'on' if spec.balance else 'off'}, short-cell rule {code(spec.short_cell)}, "
-                f"real share per domain {spec.real_fraction:g}, domain weights "
-                f"{esc(spec.domains or 'equal')}, operation weights {esc(spec.operations or 'equal')}; "
-                f"fractions ({esc(', '.join(spec.fraction_splits))} only) {esc(fr)}"
-                if spec is not None else "not in the params' export section (target n/a)")
+        desc = (
+            f"balance {'on' if spec.balance else 'off'}, short-cell rule {code(spec.short_cell)}, "
+            f"real share per domain {spec.real_fraction:g}, domain weights "
+            f"{esc(spec.domains or 'equal')}, operation weights {esc(spec.operations or 'equal')}; "
+            f"fractions ({esc(', '.join(spec.fraction_splits))} only) {esc(fr)}"
+            if spec is not None
+            else "not in the params' export section (target n/a)"
+        )
         chart = ""
         if target and focus:
-            chart = img(_export_chart(page.charts, name, cells, target, counts, dirs, focus),
-                        f"export {name} shares")
+            chart = img(
+                _export_chart(page.charts, name, cells, target, counts, dirs, focus),
+                f"export {name} shares",
+            )
         cards = "".join(
             f"<details><summary>dataset card {code(d.name + '/README.md')}</summary>"
-            f"<pre>{esc(_read_text(d / 'README.md'))}</pre></details>" for d in dirs)
-        out.append(f'<div class="block"><h3>export {code(name)}</h3><p class="note">{desc}</p>'
-                   f'<div class="row"><div><b>cells, {esc(focus)} split</b>'
-                   + table(head, rows) + "<b>samples per split</b>"
-                   + table(totals_head, totals)
-                   + f"</div><div>{chart}</div></div>{cards}</div>")
-    return section("exports", "Exports", "".join(out),
-                   "Per export and fraction, the samples per cell (domain, operation; real images "
-                   "are operation <code>none</code>) against the target balance, computed from the "
-                   "params' export section over the cells available in the split. Short cells give "
-                   "what they have (rule <code>fill</code>) and are below target.")
+            f"<pre>{esc(_read_text(d / 'README.md'))}</pre></details>"
+            for d in dirs
+        )
+        out.append(
+            f'<div class="block"><h3>export {code(name)}</h3><p class="note">{desc}</p>'
+            f'<div class="row"><div><b>cells, {esc(focus)} split</b>'
+            + table(head, rows)
+            + "<b>samples per split</b>"
+            + table(totals_head, totals)
+            + f"</div><div>{chart}</div></div>{cards}</div>"
+        )
+    return section(
+        "exports",
+        "Exports",
+        "".join(out),
+        "Per export and fraction, the samples per cell (domain, operation; real images "
+        "are operation <code>none</code>) against the target balance, computed from the "
+        "params' export section over the cells available in the split. Short cells give "
+        "what they have (rule <code>fill</code>) and are below target.",
+    )
 
 
 def export_counts(folder: Path) -> dict[str, Counter]:
@@ -1239,9 +1512,15 @@ def _ci(v: tuple[float | None, float | None, float | None], signed: bool = False
     return s
 
 
-EVAL_COLUMNS = (("image", "auc", "AUC"), ("image", "ap", "AP"), ("image", "accuracy", "acc@0.5"),
-                ("image", "balanced_accuracy", "bal. acc"), ("pixel", "f1", "pixel F1@0.5"),
-                ("pixel", "iou", "IoU@0.5"), ("pixel", "f1_best", "F1, best threshold per image"))
+EVAL_COLUMNS = (
+    ("image", "auc", "AUC"),
+    ("image", "ap", "AP"),
+    ("image", "accuracy", "acc@0.5"),
+    ("image", "balanced_accuracy", "bal. acc"),
+    ("pixel", "f1", "pixel F1@0.5"),
+    ("pixel", "iou", "IoU@0.5"),
+    ("pixel", "f1_best", "F1, best threshold per image"),
+)
 BREAKDOWNS = ("by_domain", "by_operation", "by_generator", "by_source")
 
 
@@ -1310,12 +1589,14 @@ class ModelFiles:
             self.curves[kind][name] = (a[:, 0], a[:, 1])
 
     def present(self) -> dict[str, bool]:
-        return {"train": self.train is not None or bool(self.train_csv),
-                "evaluate": self.evaluate is not None,
-                "curves": bool(self.curves["roc"] or self.curves["pr"]),
-                "worst": self.worst is not None,
-                "scaling": self.scaling is not None,
-                "transfer": self.transfer is not None}
+        return {
+            "train": self.train is not None or bool(self.train_csv),
+            "evaluate": self.evaluate is not None,
+            "curves": bool(self.curves["roc"] or self.curves["pr"]),
+            "worst": self.worst is not None,
+            "scaling": self.scaling is not None,
+            "transfer": self.transfer is not None,
+        }
 
     def worst_keys(self, p: ReportParams) -> list[str]:
         return sorted({r["key"] for r in self.worst_picks(p) if isinstance(r.get("key"), str)})
@@ -1354,49 +1635,85 @@ def model_section(model: ModelFiles, scan: Scan, params: Params, page: Page) -> 
         scaling_part(model, params, page),
         transfer_part(model, params, page),
     ]
-    return section("model", "Model", "".join(parts),
-                   "What the model stages left: each part appears when its file exists. Values "
-                   "a file does not have are shown as n/a.")
+    return section(
+        "model",
+        "Model",
+        "".join(parts),
+        "What the model stages left: each part appears when its file exists. Values "
+        "a file does not have are shown as n/a.",
+    )
 
 
 def _absent(what: str, path: str) -> str:
-    return (f'<p class="absent"><b>{esc(what)}</b>: not shown, {code(path)} does not exist '
-            "(written by the model stages)</p>")
+    return (
+        f'<p class="absent"><b>{esc(what)}</b>: not shown, {code(path)} does not exist '
+        "(written by the model stages)</p>"
+    )
 
 
 def train_part(model: ModelFiles, params: Params, page: Page) -> str:
     if model.train is None and not model.train_csv:
         return _absent("training", f"{params.metrics_dir}/train.json")
     t = model.train or {}
-    keys = [("preset", "preset"), ("steps", "steps"), ("samples seen", "samples"),
-            ("epochs", "epochs"), ("training samples", "train_samples"),
-            ("loss, first logged", "loss_first"), ("loss, last 10%", "loss"),
-            ("text loss", "loss_txt"), ("mask loss", "loss_seg"),
-            ("samples/s (median)", "samples_per_s"), ("wall time (s)", "wall_s"),
-            ("parameters, total", "params_total"), ("parameters, trainable", "params_trainable"),
-            ("val pixel F1", "val_pixel_f1"), ("val image accuracy", "val_image_accuracy")]
-    rows = [[esc(label), t.get(k) if _num(t.get(k)) is not None else fmt(t.get(k)) if isinstance(t.get(k), str) else "n/a"]
-            for label, k in keys]
+    keys = [
+        ("preset", "preset"),
+        ("steps", "steps"),
+        ("samples seen", "samples"),
+        ("epochs", "epochs"),
+        ("training samples", "train_samples"),
+        ("loss, first logged", "loss_first"),
+        ("loss, last 10%", "loss"),
+        ("text loss", "loss_txt"),
+        ("mask loss", "loss_seg"),
+        ("samples/s (median)", "samples_per_s"),
+        ("wall time (s)", "wall_s"),
+        ("parameters, total", "params_total"),
+        ("parameters, trainable", "params_trainable"),
+        ("val pixel F1", "val_pixel_f1"),
+        ("val image accuracy", "val_image_accuracy"),
+    ]
+    rows = [
+        [
+            esc(label),
+            t.get(k)
+            if _num(t.get(k)) is not None
+            else fmt(t.get(k))
+            if isinstance(t.get(k), str)
+            else "n/a",
+        ]
+        for label, k in keys
+    ]
     body = table(["", "value"], rows)
     if model.model_dir is not None:
         files = sorted(f for f in model.model_dir.rglob("*") if f.is_file())
         size = sum(f.stat().st_size for f in files)
-        body += note(f"model folder {code(model.model_dir)}: {len(files)} files, {size / 2**20:.1f} MiB")
+        body += note(
+            f"model folder {code(model.model_dir)}: {len(files)} files, {size / 2**20:.1f} MiB"
+        )
     else:
         body += note("no model folder (data/train/model/)")
     chart = ""
     if model.train_csv or model.train_val_csv:
-        chart = img(_train_chart(page.charts, model.train_csv, model.train_val_csv), "training curves")
-    return (f'<div class="block"><h3>training</h3><div class="row"><div>{body}</div>'
-            f"<div>{chart}</div></div>{_raw(t, 'metrics/train.json')}</div>")
+        chart = img(
+            _train_chart(page.charts, model.train_csv, model.train_val_csv), "training curves"
+        )
+    return (
+        f'<div class="block"><h3>training</h3><div class="row"><div>{body}</div>'
+        f"<div>{chart}</div></div>{_raw(t, 'metrics/train.json')}</div>"
+    )
 
 
 def _series(rows: list[dict], prefix: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {}
     cols = {k for r in rows for k in r if k.startswith(prefix)}
     for c in sorted(cols):
-        pts = [(r["step"], r[c]) for r in rows
-               if isinstance(r.get("step"), float) and isinstance(r.get(c), float) and math.isfinite(r[c])]
+        pts = [
+            (r["step"], r[c])
+            for r in rows
+            if isinstance(r.get("step"), float)
+            and isinstance(r.get(c), float)
+            and math.isfinite(r[c])
+        ]
         if pts:
             a = np.array(pts)
             out[c] = (a[:, 0], a[:, 1])
@@ -1414,8 +1731,11 @@ def _train_chart(ch: Charts, hist: list[dict], val: list[dict]) -> Pic:
         a1.legend(fontsize=7, frameon=False)
         if all((y > 0).all() for _, y in losses.values()):
             a1.set_yscale("log")
-    vals = {k: v for k, v in {**_series(hist, "val_"), **_series(val, "val_")}.items()
-            if ((v[1] >= 0) & (v[1] <= 1)).all()}  # fractions (F1, accuracy), not counts
+    vals = {
+        k: v
+        for k, v in {**_series(hist, "val_"), **_series(val, "val_")}.items()
+        if ((v[1] >= 0) & (v[1] <= 1)).all()
+    }  # fractions (F1, accuracy), not counts
     for name, (x, y) in vals.items():
         a2.plot(x, y, marker="o", markersize=3, label=name, linewidth=1.2)
     a2.set_title("validation per evaluation", fontsize=9, loc="left")
@@ -1429,11 +1749,16 @@ def _train_chart(ch: Charts, hist: list[dict], val: list[dict]) -> Pic:
 
 
 def _raw(obj: Any, name: str) -> str:
-    rows = [[code(k), fmt(v) if not isinstance(v, str) else esc(v[:200])] for k, v in _flatten(obj)][:3000]
+    rows = [
+        [code(k), fmt(v) if not isinstance(v, str) else esc(v[:200])] for k, v in _flatten(obj)
+    ][:3000]
     if not rows:
         return ""
-    return (f"<details><summary>every value in {code(name)} ({len(rows)})</summary>"
-            + table(["key", "value"], rows) + "</details>")
+    return (
+        f"<details><summary>every value in {code(name)} ({len(rows)})</summary>"
+        + table(["key", "value"], rows)
+        + "</details>"
+    )
 
 
 def _flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -1482,21 +1807,38 @@ def evaluate_part(model: ModelFiles, params: Params) -> str:
         if not base and isinstance(top_baselines.get(name), dict):
             base = top_baselines[name]
         for bname, b in base.items():
-            rows.append(_eval_row(f'&nbsp;&nbsp;<span class="note">baseline: {esc(bname)}</span>', b, "base"))
-    body = _eval_table(rows) if rows else note("no `sets`, `splits` or `benchmarks` in evaluate.json")
+            rows.append(
+                _eval_row(
+                    f'&nbsp;&nbsp;<span class="note">baseline: {esc(bname)}</span>', b, "base"
+                )
+            )
+    body = (
+        _eval_table(rows) if rows else note("no `sets`, `splits` or `benchmarks` in evaluate.json")
+    )
     for name, block in sets.items():
         for by in BREAKDOWNS:
             parts = block.get(by)
             if not isinstance(parts, dict) or not parts:
                 continue
-            sub = [_eval_row(esc(k), v) for k, v in sorted(parts.items(), key=lambda kv: str(kv[0]))]
+            sub = [
+                _eval_row(esc(k), v) for k, v in sorted(parts.items(), key=lambda kv: str(kv[0]))
+            ]
             opened = " open" if by == "by_domain" else ""
-            body += (f"<details{opened}><summary>{esc(name)}, {esc(by.replace('_', ' '))}</summary>"
-                     + _eval_table(sub) + "</details>")
-    return ('<div class="block"><h3>evaluation</h3>'
-            + note("95% bootstrap intervals in brackets where given; baselines (constant score, "
-                   "random score, empty mask, full mask) under each set")
-            + body + _raw(ev, "metrics/evaluate.json") + "</div>")
+            body += (
+                f"<details{opened}><summary>{esc(name)}, {esc(by.replace('_', ' '))}</summary>"
+                + _eval_table(sub)
+                + "</details>"
+            )
+    return (
+        '<div class="block"><h3>evaluation</h3>'
+        + note(
+            "95% bootstrap intervals in brackets where given; baselines (constant score, "
+            "random score, empty mask, full mask) under each set"
+        )
+        + body
+        + _raw(ev, "metrics/evaluate.json")
+        + "</div>"
+    )
 
 
 def curves_part(model: ModelFiles, page: Page) -> str:
@@ -1533,7 +1875,14 @@ def worst_part(model: ModelFiles, scan: Scan, params: Params, page: Page) -> str
     cards = []
     for w in picks:
         key = str(w["key"])
-        r = {**scan.by_key.get(key, {}), **{k: v for k, v in w.items() if v is not None and k in ("blob", "mask_blob", "mask_source")}}
+        r = {
+            **scan.by_key.get(key, {}),
+            **{
+                k: v
+                for k, v in w.items()
+                if v is not None and k in ("blob", "mask_blob", "mask_source")
+            },
+        }
         image, why = th.load(r.get("blob"))
         cells = []
         if image is None:
@@ -1543,8 +1892,14 @@ def worst_part(model: ModelFiles, scan: Scan, params: Params, page: Page) -> str
             truth = th.mask_of(r, image.shape)
             if r.get("label", w.get("label")) == "real" and truth is None:
                 truth = np.zeros(image.shape[:2], bool)
-            cells.append(("true mask", th.overlay(_slug(key), image, truth, tag="overlay")
-                          if truth is not None else "no true mask"))
+            cells.append(
+                (
+                    "true mask",
+                    th.overlay(_slug(key), image, truth, tag="overlay")
+                    if truth is not None
+                    else "no true mask",
+                )
+            )
             pred_path = _pred_path(w, params)
             pred = None
             if pred_path is not None:
@@ -1554,25 +1909,42 @@ def worst_part(model: ModelFiles, scan: Scan, params: Params, page: Page) -> str
                     pred = decode_mask(pred_path.read_bytes())
                 except Exception as e:  # noqa: BLE001
                     log.warning("report: predicted mask %s unreadable: %s", pred_path, e)
-            cells.append(("predicted mask", th.overlay(_slug(key), image, pred, tag="pred")
-                          if pred is not None else "no predicted mask"))
+            cells.append(
+                (
+                    "predicted mask",
+                    th.overlay(_slug(key), image, pred, tag="pred")
+                    if pred is not None
+                    else "no predicted mask",
+                )
+            )
         html_cells = "".join(
             f'<div class="panel"><div class="thumbbox">{img(p, f"{c} of {key}")}</div>'
-            f'<div class="cap">{esc(c)}</div></div>' for c, p in cells)
-        lines = (f"<div>{code(key)} · {esc(_label(w.get('set')))}</div>"
-                 f"<div>{esc(_label(w.get('domain')))} / {esc(_label(w.get('operation')))} / "
-                 f"{esc(_label(w.get('generator')))}</div>"
-                 f"<div>label {esc(_label(w.get('label', r.get('label'))))} · score {fmt(_num(w.get('score')))}"
-                 f" · pixel F1 {fmt(_num(w.get('pixel_f1')))}"
-                 + (f" · worst by {esc(w.get('by'))}" if w.get("by") else "") + "</div>")
-        cards.append(f'<div class="sample"><div class="panels">{html_cells}</div>'
-                     f'<div class="meta-lines">{lines}</div></div>')
+            f'<div class="cap">{esc(c)}</div></div>'
+            for c, p in cells
+        )
+        lines = (
+            f"<div>{code(key)} · {esc(_label(w.get('set')))}</div>"
+            f"<div>{esc(_label(w.get('domain')))} / {esc(_label(w.get('operation')))} / "
+            f"{esc(_label(w.get('generator')))}</div>"
+            f"<div>label {esc(_label(w.get('label', r.get('label'))))} · score {fmt(_num(w.get('score')))}"
+            f" · pixel F1 {fmt(_num(w.get('pixel_f1')))}"
+            + (f" · worst by {esc(w.get('by'))}" if w.get("by") else "")
+            + "</div>"
+        )
+        cards.append(
+            f'<div class="sample"><div class="panels">{html_cells}</div>'
+            f'<div class="meta-lines">{lines}</div></div>'
+        )
     p = params.report
-    return ('<div class="block"><h3>worst samples</h3>'
-            + note(f"the {p.worst_per_cell} worst of each of the {p.worst_cells} worst cells "
-                   "(domain / operation / generator, ranked by their lowest pixel F1); true mask "
-                   "and predicted mask drawn over the image")
-            + f'<div class="samples">{"".join(cards)}</div></div>')
+    return (
+        '<div class="block"><h3>worst samples</h3>'
+        + note(
+            f"the {p.worst_per_cell} worst of each of the {p.worst_cells} worst cells "
+            "(domain / operation / generator, ranked by their lowest pixel F1); true mask "
+            "and predicted mask drawn over the image"
+        )
+        + f'<div class="samples">{"".join(cards)}</div></div>'
+    )
 
 
 def _pred_path(w: dict[str, Any], params: Params) -> Path | None:
@@ -1580,8 +1952,7 @@ def _pred_path(w: dict[str, Any], params: Params) -> Path | None:
         v = w.get(k)
         if isinstance(v, str) and v:
             p = Path(v)
-            for cand in ([p] if p.is_absolute() else
-                         [params.data / p, params.data / "evaluate" / p]):
+            for cand in [p] if p.is_absolute() else [params.data / p, params.data / "evaluate" / p]:
                 if cand.is_file():
                     return cand
     return None
@@ -1595,22 +1966,37 @@ def robustness_part(model: ModelFiles) -> str:
         return f'<div class="block"><h3>robustness</h3>{note("no `robustness` in evaluate.json")}</div>'
 
     def is_block(v: Any) -> bool:
-        return isinstance(v, dict) and any(k in v for k in ("image", "pixel", "delta")) or (
-            isinstance(v, dict) and any(str(k).startswith(("image_", "pixel_")) for k in v))
+        return (
+            isinstance(v, dict)
+            and any(k in v for k in ("image", "pixel", "delta"))
+            or (isinstance(v, dict) and any(str(k).startswith(("image_", "pixel_")) for k in v))
+        )
 
-    per_set = {"": rob} if all(is_block(v) for v in rob.values()) else {
-        s: v for s, v in rob.items() if isinstance(v, dict)}
-    cols = (("image", "auc", "Δ AUC"), ("image", "accuracy", "Δ acc@0.5"),
-            ("pixel", "f1", "Δ pixel F1"), ("pixel", "iou", "Δ IoU"))
+    per_set = (
+        {"": rob}
+        if all(is_block(v) for v in rob.values())
+        else {s: v for s, v in rob.items() if isinstance(v, dict)}
+    )
+    cols = (
+        ("image", "auc", "Δ AUC"),
+        ("image", "accuracy", "Δ acc@0.5"),
+        ("pixel", "f1", "Δ pixel F1"),
+        ("pixel", "iou", "Δ IoU"),
+    )
     rows = []
     for s, perts in per_set.items():
         for pert, block in perts.items():
             b = block.get("delta", block) if isinstance(block, dict) else block
-            rows.append([esc(f"{s}: {pert}" if s else pert)]
-                        + [_ci(metric(b, g, k), signed=True) for g, k, _ in cols])
-    return ('<div class="block"><h3>robustness</h3>'
-            + note("metrics on perturbed copies minus the clean figures (negative: worse)")
-            + table(["perturbation"] + [c for _, _, c in cols], rows) + "</div>")
+            rows.append(
+                [esc(f"{s}: {pert}" if s else pert)]
+                + [_ci(metric(b, g, k), signed=True) for g, k, _ in cols]
+            )
+    return (
+        '<div class="block"><h3>robustness</h3>'
+        + note("metrics on perturbed copies minus the clean figures (negative: worse)")
+        + table(["perturbation"] + [c for _, _, c in cols], rows)
+        + "</div>"
+    )
 
 
 def scaling_part(model: ModelFiles, params: Params, page: Page) -> str:
@@ -1634,7 +2020,9 @@ def scaling_part(model: ModelFiles, params: Params, page: Page) -> str:
     fits = sc.get("fit") if isinstance(sc.get("fit"), dict) else {}
     fig, axes = page.charts.new(8.4, 3.0, cols=2)
     for ax, (g, k, flat, label) in zip(axes, mets, strict=True):
-        pts = sorted((x, y) for pt in points if (x := xval(pt)) and (y := yval(pt, g, k, flat)) is not None)
+        pts = sorted(
+            (x, y) for pt in points if (x := xval(pt)) and (y := yval(pt, g, k, flat)) is not None
+        )
         if pts:
             a = np.array(pts)
             ax.plot(a[:, 0], a[:, 1], "o", color="#1d4ed8", label="runs")
@@ -1642,8 +2030,13 @@ def scaling_part(model: ModelFiles, params: Params, page: Page) -> str:
             a_, b_, c_ = (_num(f.get(n)) for n in ("a", "b", "c"))
             if None not in (a_, b_, c_):
                 xs = np.geomspace(a[:, 0].min(), a[:, 0].max() * 4, 100)
-                ax.plot(xs, 1 - (a_ * xs ** -b_ + c_), "--", color="#dc2626",
-                        label=f"fit: 1 - ({a_:.3g} N^-{b_:.3g} + {c_:.3g})")
+                ax.plot(
+                    xs,
+                    1 - (a_ * xs**-b_ + c_),
+                    "--",
+                    color="#dc2626",
+                    label=f"fit: 1 - ({a_:.3g} N^-{b_:.3g} + {c_:.3g})",
+                )
             ax.legend(fontsize=7, frameon=False)
             ax.set_xscale("log")
         else:
@@ -1651,11 +2044,16 @@ def scaling_part(model: ModelFiles, params: Params, page: Page) -> str:
         ax.set_xlabel("training samples", fontsize=8)
         ax.set_title(label, fontsize=9, loc="left")
     pic = page.charts.save(fig, "scaling")
-    rows = [[fmt(_num(pt.get("fraction"))), fmt(xval(pt))]
-            + [fmt(yval(pt, g, k, flat)) for g, k, flat, _ in mets] for pt in points]
-    return (f'<div class="block"><h3>scaling law</h3><div class="row">{img(pic, "scaling")}'
-            + table(["fraction", "training samples", "image AUC", "pixel F1"], rows)
-            + f"</div>{_raw(sc, 'metrics/scaling.json')}</div>")
+    rows = [
+        [fmt(_num(pt.get("fraction"))), fmt(xval(pt))]
+        + [fmt(yval(pt, g, k, flat)) for g, k, flat, _ in mets]
+        for pt in points
+    ]
+    return (
+        f'<div class="block"><h3>scaling law</h3><div class="row">{img(pic, "scaling")}'
+        + table(["fraction", "training samples", "image AUC", "pixel F1"], rows)
+        + f"</div>{_raw(sc, 'metrics/scaling.json')}</div>"
+    )
 
 
 def transfer_part(model: ModelFiles, params: Params, page: Page) -> str:
@@ -1663,7 +2061,9 @@ def transfer_part(model: ModelFiles, params: Params, page: Page) -> str:
         return _absent("cross-domain transfer", f"{params.metrics_dir}/transfer.json")
     tr = model.transfer
     # {metric: {train: {eval: value}}}, or one matrix {train: {eval: value}}
-    if all(isinstance(v, dict) and all(_num(x) is not None for x in v.values()) for v in tr.values()):
+    if all(
+        isinstance(v, dict) and all(_num(x) is not None for x in v.values()) for v in tr.values()
+    ):
         tr = {"value": tr}
     out = []
     for mname, mat in tr.items():
@@ -1673,11 +2073,27 @@ def transfer_part(model: ModelFiles, params: Params, page: Page) -> str:
         cols_k = sorted({c for r in mat.values() if isinstance(r, dict) for c in r}, key=str)
         if not rows_k or not cols_k:
             continue
-        grid = np.array([[float(_num(mat[r].get(c)) if isinstance(mat[r], dict) and _num(mat[r].get(c)) is not None else np.nan)
-                          for c in cols_k] for r in rows_k])
+        grid = np.array(
+            [
+                [
+                    float(
+                        _num(mat[r].get(c))
+                        if isinstance(mat[r], dict) and _num(mat[r].get(c)) is not None
+                        else np.nan
+                    )
+                    for c in cols_k
+                ]
+                for r in rows_k
+            ]
+        )
         fig, ax = page.charts.new(1.6 + 0.7 * len(cols_k), 1.0 + 0.45 * len(rows_k))
-        im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=np.nanmin(grid) if np.isfinite(grid).any() else 0,
-                  vmax=np.nanmax(grid) if np.isfinite(grid).any() else 1, aspect="auto")
+        im = ax.imshow(
+            np.ma.masked_invalid(grid),
+            cmap="viridis",
+            vmin=np.nanmin(grid) if np.isfinite(grid).any() else 0,
+            vmax=np.nanmax(grid) if np.isfinite(grid).any() else 1,
+            aspect="auto",
+        )
         ax.set_xticks(range(len(cols_k)), [str(c) for c in cols_k], fontsize=8, rotation=30)
         ax.set_yticks(range(len(rows_k)), [str(r) for r in rows_k], fontsize=8)
         ax.set_xlabel("evaluated on", fontsize=8)
@@ -1686,35 +2102,57 @@ def transfer_part(model: ModelFiles, params: Params, page: Page) -> str:
             for j in range(len(cols_k)):
                 if np.isfinite(grid[i, j]):
                     light = im.norm(grid[i, j]) > 0.6  # dark text on the light end of viridis
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="k" if light else "w")
+                    ax.text(
+                        j,
+                        i,
+                        f"{grid[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="k" if light else "w",
+                    )
         ax.set_title(str(mname), fontsize=9, loc="left")
         out.append(img(page.charts.save(fig, f"transfer_{_slug(str(mname))}"), f"transfer {mname}"))
-    body = '<div class="row">' + "".join(out) + "</div>" if out else note("no matrix in the transfer file")
+    body = (
+        '<div class="row">' + "".join(out) + "</div>"
+        if out
+        else note("no matrix in the transfer file")
+    )
     return f'<div class="block"><h3>cross-domain transfer</h3>{body}{_raw(model.transfer, "transfer")}</div>'
 
 
 def sampling_section(scan: Scan, p: ReportParams, manifest: Path) -> str:
     items = [
-        (f"The stage streamed {code(manifest.name)} in {scan.batches:,} record batches of up to "
-         f"{p.batch_rows:,} rows ({scan.rows:,} rows). Counts, tables and histograms are exact: "
-         "every row is counted."),
-        ("Samples are picked, per cell, as the rows with the smallest "
-         f"{code('sha256(seed:key)')} (seed {scan.seed}): up to {p.samples_per_generator} ok "
-         f"forgeries per generator (the {p.max_generators} generators with the most rows), "
-         f"{p.samples_per_reason} rows per rejection reason, "
-         f"{p.duplicate_groups} near-duplicate groups (ranked by {code('sha256(seed:group:ID)')}) "
-         f"with up to {p.members_per_group} real members each, the shipped one first. The pick "
-         "is a uniform sample of each cell, does not depend on the row order, and is the same "
-         "for the same inputs."),
-        ("A second streamed pass fetches only the rows the picks refer to (group members, the "
-         "source image of a regeneration, the evaluation's worst keys)."),
-        (f"Thumbnails are JPEGs with the longest side {p.thumb_px} px (small images are enlarged "
-         "at most 2x); masks and difference maps are max-pooled before shrinking, so thin edits "
-         "stay visible. Settings: the <code>report</code> section of params.yaml."),
+        (
+            f"The stage streamed {code(manifest.name)} in {scan.batches:,} record batches of up to "
+            f"{p.batch_rows:,} rows ({scan.rows:,} rows). Counts, tables and histograms are exact: "
+            "every row is counted."
+        ),
+        (
+            "Samples are picked, per cell, as the rows with the smallest "
+            f"{code('sha256(seed:key)')} (seed {scan.seed}): up to {p.samples_per_generator} ok "
+            f"forgeries per generator (the {p.max_generators} generators with the most rows), "
+            f"{p.samples_per_reason} rows per rejection reason, "
+            f"{p.duplicate_groups} near-duplicate groups (ranked by {code('sha256(seed:group:ID)')}) "
+            f"with up to {p.members_per_group} real members each, the shipped one first. The pick "
+            "is a uniform sample of each cell, does not depend on the row order, and is the same "
+            "for the same inputs."
+        ),
+        (
+            "A second streamed pass fetches only the rows the picks refer to (group members, the "
+            "source image of a regeneration, the evaluation's worst keys)."
+        ),
+        (
+            f"Thumbnails are JPEGs with the longest side {p.thumb_px} px (small images are enlarged "
+            "at most 2x); masks and difference maps are max-pooled before shrinking, so thin edits "
+            "stay visible. Settings: the <code>report</code> section of params.yaml."
+        ),
     ]
-    return section("sampling", "How this page was made",
-                   "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>")
+    return section(
+        "sampling",
+        "How this page was made",
+        "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>",
+    )
 
 
 STAGE_NAME = "report"

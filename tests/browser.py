@@ -22,9 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--mute-audio",
+]
 
 
 def find_browser() -> str | None:
@@ -63,10 +73,19 @@ class Browser:
         self.log = Path(self.profile) / "stderr.txt"
         with open(self.log, "wb") as err:
             self.proc = subprocess.Popen(
-                [binary, *FLAGS, f"--user-data-dir={self.profile}", "--remote-debugging-pipe",
-                 "about:blank"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                preexec_fn=fds, pass_fds=(3, 4))  # noqa: PLW1509 - no threads here
+                [
+                    binary,
+                    *FLAGS,
+                    f"--user-data-dir={self.profile}",
+                    "--remote-debugging-pipe",
+                    "about:blank",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                preexec_fn=fds,  # noqa: PLW1509 - the test process starts no threads
+                pass_fds=(3, 4),
+            )
         os.close(to_child_r)
         os.close(from_child_w)
         self._buf = b""
@@ -145,8 +164,14 @@ PROBE = """(() => {
 })()"""
 
 
-def load(binary: str, url: str, screenshot: Path | None = None, width: int = 1400,
-         full_page: bool = True, clip_height: int | None = None) -> PageLoad:
+def load(
+    binary: str,
+    url: str,
+    screenshot: Path | None = None,
+    width: int = 1400,
+    full_page: bool = True,
+    clip_height: int | None = None,
+) -> PageLoad:
     """Opens `url`, waits for its load event and probes it; saves a PNG screenshot if asked."""
     out = PageLoad()
     with Browser(binary) as b:
@@ -154,8 +179,11 @@ def load(binary: str, url: str, screenshot: Path | None = None, width: int = 140
         s = b.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             b.send(f"{domain}.enable", session=s)
-        b.send("Emulation.setDeviceMetricsOverride",
-               {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session=s)
+        b.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+            session=s,
+        )
         b.send("Page.navigate", {"url": url}, session=s)
         b.wait_for("Page.loadEventFired")
         res = b.send("Runtime.evaluate", {"expression": PROBE, "returnByValue": True}, session=s)
@@ -167,19 +195,28 @@ def load(binary: str, url: str, screenshot: Path | None = None, width: int = 140
             h = out.height if full_page else 900
             if clip_height:
                 h = min(h, clip_height)
-            b.send("Emulation.setDeviceMetricsOverride",
-                   {"width": width, "height": h, "deviceScaleFactor": 1, "mobile": False}, session=s)
-            shot = b.send("Page.captureScreenshot",
-                          {"format": "png", "clip": {"x": 0, "y": 0, "width": width, "height": h,
-                                                     "scale": 1}, "captureBeyondViewport": True},
-                          session=s)
+            b.send(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": width, "height": h, "deviceScaleFactor": 1, "mobile": False},
+                session=s,
+            )
+            shot = b.send(
+                "Page.captureScreenshot",
+                {
+                    "format": "png",
+                    "clip": {"x": 0, "y": 0, "width": width, "height": h, "scale": 1},
+                    "captureBeyondViewport": True,
+                },
+                session=s,
+            )
             screenshot.write_bytes(base64.b64decode(shot["data"]))
         b.send("Runtime.evaluate", {"expression": "1"}, session=s)  # flush pending events
         for e in b.events:
             m, p = e.get("method"), e.get("params", {})
             if m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                out.console_errors.append(" ".join(str(a.get("value", a.get("description")))
-                                                   for a in p.get("args", [])))
+                out.console_errors.append(
+                    " ".join(str(a.get("value", a.get("description"))) for a in p.get("args", []))
+                )
             elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
                 entry = p["entry"]
                 out.console_errors.append(f"{entry.get('text')} {entry.get('url', '')}")
@@ -199,7 +236,17 @@ if __name__ == "__main__":  # python tests/browser.py PAGE.html OUT.png [WIDTH] 
     w = int(sys.argv[3]) if len(sys.argv) > 3 else 1400
     h = int(sys.argv[4]) if len(sys.argv) > 4 else None
     r = load(find_browser(), page.as_uri(), shot, width=w, clip_height=h)
-    print(json.dumps({"height": r.height, "images": len(r.images),
-                      "broken": [i for i in r.images if not i["naturalWidth"]],
-                      "console_errors": r.console_errors, "exceptions": r.exceptions,
-                      "failed": r.failed_requests, "sections": r.section_tops}, indent=1))
+    print(
+        json.dumps(
+            {
+                "height": r.height,
+                "images": len(r.images),
+                "broken": [i for i in r.images if not i["naturalWidth"]],
+                "console_errors": r.console_errors,
+                "exceptions": r.exceptions,
+                "failed": r.failed_requests,
+                "sections": r.section_tops,
+            },
+            indent=1,
+        )
+    )

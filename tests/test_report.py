@@ -27,8 +27,16 @@ from pipeline import report, stages
 from pipeline.cli import run_stage
 from pipeline.records import SCHEMA
 
-SECTIONS = ("counts", "generators", "rejected", "duplicates", "distributions", "exports",
-            "model", "sampling")
+SECTIONS = (
+    "counts",
+    "generators",
+    "rejected",
+    "duplicates",
+    "distributions",
+    "exports",
+    "model",
+    "sampling",
+)
 
 
 # --------------------------------------------------------------------------- a real run
@@ -39,17 +47,30 @@ def _corpus(root: Path) -> Path:
     coffee = Image.fromarray(skdata.coffee())
     save(coffee.resize((200, 133)), folder / "coffee.png", "PNG")
     save(coffee.resize((150, 100)), folder / "copies" / "coffee_small.png", "PNG")  # near copy
-    save(Image.fromarray(skdata.chelsea()).resize((150, 100)), folder / "chelsea.jpg", "JPEG",
-         quality=90)
+    save(
+        Image.fromarray(skdata.chelsea()).resize((150, 100)),
+        folder / "chelsea.jpg",
+        "JPEG",
+        quality=90,
+    )
     save(Image.fromarray(skdata.rocket()).resize((160, 106)), folder / "rocket.png", "PNG")
     save(Image.fromarray(skdata.astronaut()).resize((128, 128)), folder / "astronaut.png", "PNG")
     buf = io.BytesIO()
     Image.fromarray(skdata.coins()).save(buf, "JPEG", quality=90)
     (folder / "broken.jpg").write_bytes(buf.getvalue()[:600])  # truncated
-    return write_manifest(root / "corpus.yaml", [
-        {"name": "photos", "kind": "image_folder", "domain": "natural", "label": "real",
-         "license": "BSD-3-Clause", "path": str(folder)},
-    ])
+    return write_manifest(
+        root / "corpus.yaml",
+        [
+            {
+                "name": "photos",
+                "kind": "image_folder",
+                "domain": "natural",
+                "label": "real",
+                "license": "BSD-3-Clause",
+                "path": str(folder),
+            },
+        ],
+    )
 
 
 def _params_dict(root: Path, corpus: Path) -> dict:
@@ -59,9 +80,10 @@ def _params_dict(root: Path, corpus: Path) -> dict:
         "plots_dir": str(root / "plots"),
         "corpus": [str(corpus)],
         "executor": {"backend": "local", "progress": False},
-        "synthesize": {"generators": only_generators(copy_move={}, removal={}, inpaint={},
-                                                     gan_synthesis={}),
-                       "per_source": 2},
+        "synthesize": {
+            "generators": only_generators(copy_move={}, removal={}, inpaint={}, gan_synthesis={}),
+            "per_source": 2,
+        },
         # a low max_area rejects the larger edits, so the rejected section has rows
         "masks": {"max_area": 0.06},
         "export": {"exports": only_exports(bal={"fractions": [0.5, 1.0], "imdl": False})},
@@ -90,56 +112,135 @@ def _write_model_files(params: params_mod.Params) -> dict:
     forged = [r for r in rows if r["status"] == "ok" and r["label"] == "tampered"]
     metrics, plots = params.metrics, params.plots
     plots.mkdir(parents=True, exist_ok=True)
-    (metrics / "train.json").write_text(json.dumps({
-        "preset": "tiny", "steps": 40, "samples": 320, "epochs": 12.5, "train_samples": 26,
-        "loss_first": 2.31, "loss": 0.52, "loss_txt": 0.11, "loss_seg": 0.41,
-        "samples_per_s": 17.3, "wall_s": 19.2, "params_total": 4_200_000,
-        "params_trainable": 1_100_000, "val_pixel_f1": 0.61, "val_image_accuracy": 0.75,
-        "something_new": {"nested": 1}}))
+    (metrics / "train.json").write_text(
+        json.dumps(
+            {
+                "preset": "tiny",
+                "steps": 40,
+                "samples": 320,
+                "epochs": 12.5,
+                "train_samples": 26,
+                "loss_first": 2.31,
+                "loss": 0.52,
+                "loss_txt": 0.11,
+                "loss_seg": 0.41,
+                "samples_per_s": 17.3,
+                "wall_s": 19.2,
+                "params_total": 4_200_000,
+                "params_trainable": 1_100_000,
+                "val_pixel_f1": 0.61,
+                "val_image_accuracy": 0.75,
+                "something_new": {"nested": 1},
+            }
+        )
+    )
     with open(plots / "train.csv", "w") as f:
         f.write("step,samples,loss,loss_txt,loss_seg,lr,samples_per_s\n")
-        f.writelines(f"{s},{s * 8},{2.3 / s ** 0.5:.4f},{0.5 / s ** 0.5:.4f},"
-                     f"{1.8 / s ** 0.5:.4f},0.0001,17\n" for s in range(5, 45, 5))
+        f.writelines(
+            f"{s},{s * 8},{2.3 / s**0.5:.4f},{0.5 / s**0.5:.4f},{1.8 / s**0.5:.4f},0.0001,17\n"
+            for s in range(5, 45, 5)
+        )
     with open(plots / "train_val.csv", "w") as f:
-        f.write("step,val_pixel_f1,val_image_accuracy,val_images\n10,0.3,0.5,4\n20,0.5,0.75,4\n"
-                "40,0.61,0.75,4\n")
-    block = {"n": 12, "image": {"auc": {"value": 0.83, "ci": [0.61, 0.97]}, "ap": 0.8,
-                                "accuracy": 0.75, "balanced_accuracy": 0.7},
-             "pixel": {"f1": {"value": 0.47, "ci": [0.3, 0.6]}, "iou": 0.35, "f1_best": 0.58}}
-    base = {"constant_score": {"image": {"auc": 0.5, "accuracy": 0.5}},
-            "empty_mask": {"pixel": {"f1": 0.0, "iou": 0.0}},
-            "full_mask": {"pixel": {"f1": 0.12, "iou": 0.07}}}
-    (metrics / "evaluate.json").write_text(json.dumps({
-        "splits": {"test": {**block, "baselines": base,
-                            "by_domain": {"natural": block, "aigc": {"n": 3, "image_auc": 0.9}}},
-                   "test_ood": {"n": 0}},
-        "benchmarks": {"casia_tiny": {"n": 5, "image_auc": 0.66, "image_auc_ci": [0.4, 0.9],
-                                      "pixel_f1": 0.21}},
-        "robustness": {"test": {"jpeg_70": {"image": {"auc": -0.08}, "pixel": {"f1": -0.12}},
-                                "resize_0.5": {"delta": {"image": {"auc": -0.15}}}}},
-    }))
+        f.write(
+            "step,val_pixel_f1,val_image_accuracy,val_images\n10,0.3,0.5,4\n20,0.5,0.75,4\n"
+            "40,0.61,0.75,4\n"
+        )
+    block = {
+        "n": 12,
+        "image": {
+            "auc": {"value": 0.83, "ci": [0.61, 0.97]},
+            "ap": 0.8,
+            "accuracy": 0.75,
+            "balanced_accuracy": 0.7,
+        },
+        "pixel": {"f1": {"value": 0.47, "ci": [0.3, 0.6]}, "iou": 0.35, "f1_best": 0.58},
+    }
+    base = {
+        "constant_score": {"image": {"auc": 0.5, "accuracy": 0.5}},
+        "empty_mask": {"pixel": {"f1": 0.0, "iou": 0.0}},
+        "full_mask": {"pixel": {"f1": 0.12, "iou": 0.07}},
+    }
+    (metrics / "evaluate.json").write_text(
+        json.dumps(
+            {
+                "splits": {
+                    "test": {
+                        **block,
+                        "baselines": base,
+                        "by_domain": {"natural": block, "aigc": {"n": 3, "image_auc": 0.9}},
+                    },
+                    "test_ood": {"n": 0},
+                },
+                "benchmarks": {
+                    "casia_tiny": {
+                        "n": 5,
+                        "image_auc": 0.66,
+                        "image_auc_ci": [0.4, 0.9],
+                        "pixel_f1": 0.21,
+                    }
+                },
+                "robustness": {
+                    "test": {
+                        "jpeg_70": {"image": {"auc": -0.08}, "pixel": {"f1": -0.12}},
+                        "resize_0.5": {"delta": {"image": {"auc": -0.15}}},
+                    }
+                },
+            }
+        )
+    )
     with open(plots / "evaluate_roc_test.csv", "w") as f:
         f.write("fpr,tpr,threshold\n0,0,1\n0.1,0.6,0.8\n0.3,0.85,0.5\n1,1,0\n")
     with open(plots / "evaluate_pr.csv", "w") as f:  # one file with a set column
-        f.write("set,recall,precision\ntest,0,1\ntest,0.5,0.8\ntest,1,0.5\n"
-                "casia_tiny,0,1\ncasia_tiny,1,0.4\n")
+        f.write(
+            "set,recall,precision\ntest,0,1\ntest,0.5,0.8\ntest,1,0.5\n"
+            "casia_tiny,0,1\ncasia_tiny,1,0.4\n"
+        )
     (params.data / "evaluate" / "pred").mkdir(parents=True, exist_ok=True)
     worst = []
     for i, r in enumerate(forged[:6]):
         pred = np.zeros((r["height"], r["width"]), np.uint8)
         pred[: r["height"] // 3, : r["width"] // 3] = 255  # a wrong corner
         Image.fromarray(pred).save(params.data / "evaluate" / "pred" / f"{r['key']}.png")
-        worst.append({"key": r["key"], "domain": r["domain"], "operation": r["operation"],
-                      "generator": r["generator"], "label": r["label"], "by": "pixel_f1",
-                      "pixel_f1": 0.05 * i, "score": 0.3, "set": "test",
-                      "pred_mask": f"pred/{r['key']}.png"})
+        worst.append(
+            {
+                "key": r["key"],
+                "domain": r["domain"],
+                "operation": r["operation"],
+                "generator": r["generator"],
+                "label": r["label"],
+                "by": "pixel_f1",
+                "pixel_f1": 0.05 * i,
+                "score": 0.3,
+                "set": "test",
+                "pred_mask": f"pred/{r['key']}.png",
+            }
+        )
     pq.write_table(pa.Table.from_pylist(worst), params.data / "evaluate" / "worst.parquet")
-    (metrics / "scaling.json").write_text(json.dumps({
-        "points": [{"fraction": f, "train_samples": n, "image_auc": a, "pixel_f1": p}
-                   for f, n, a, p in ((0.25, 6, 0.6, 0.2), (0.5, 13, 0.7, 0.3), (1.0, 26, 0.8, 0.4))],
-        "fit": {"image_auc": {"a": 0.8, "b": 0.3, "c": 0.05}}}))
-    (metrics / "transfer.json").write_text(json.dumps({
-        "image_auc": {"natural": {"natural": 0.8, "aigc": 0.55}, "aigc": {"natural": 0.5, "aigc": 0.9}}}))
+    (metrics / "scaling.json").write_text(
+        json.dumps(
+            {
+                "points": [
+                    {"fraction": f, "train_samples": n, "image_auc": a, "pixel_f1": p}
+                    for f, n, a, p in (
+                        (0.25, 6, 0.6, 0.2),
+                        (0.5, 13, 0.7, 0.3),
+                        (1.0, 26, 0.8, 0.4),
+                    )
+                ],
+                "fit": {"image_auc": {"a": 0.8, "b": 0.3, "c": 0.05}},
+            }
+        )
+    )
+    (metrics / "transfer.json").write_text(
+        json.dumps(
+            {
+                "image_auc": {
+                    "natural": {"natural": 0.8, "aigc": 0.55},
+                    "aigc": {"natural": 0.5, "aigc": 0.9},
+                }
+            }
+        )
+    )
     return {"worst_keys": [w["key"] for w in worst]}
 
 
@@ -150,8 +251,12 @@ def model_run(corpus_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("report_model")
     shutil.copytree(params.data, root / "data")
     shutil.copytree(params.metrics, root / "metrics")
-    raw = {**raw, "data_dir": str(root / "data"), "metrics_dir": str(root / "metrics"),
-           "plots_dir": str(root / "plots")}
+    raw = {
+        **raw,
+        "data_dir": str(root / "data"),
+        "metrics_dir": str(root / "metrics"),
+        "plots_dir": str(root / "plots"),
+    }
     params = params_mod.from_dict(raw)
     info = _write_model_files(params)
     run_stage("report", params, local_executor())
@@ -190,7 +295,9 @@ def _refs(text: str) -> _Refs:
 def test_page_loads_in_headless_chromium(which, corpus_run, model_run, tmp_path):
     browser = find_browser()
     if browser is None:
-        pytest.skip("no Chromium on PATH: `apt-get install chromium` (make install does it as root)")
+        pytest.skip(
+            "no Chromium on PATH: `apt-get install chromium` (make install does it as root)"
+        )
     params = (corpus_run if which == "corpus" else model_run)[0]
     path, _ = _page(params)
     shot = tmp_path / f"report_{which}.png"
@@ -220,8 +327,9 @@ def test_every_referenced_file_exists_and_decodes(which, corpus_run, model_run):
         with Image.open(path.parent / rel) as im:
             im.load()
             assert im.width > 0
-    on_disk = {str(p.relative_to(path.parent)) for p in path.parent.rglob("*.*")
-               if p.name != "index.html"}
+    on_disk = {
+        str(p.relative_to(path.parent)) for p in path.parent.rglob("*.*") if p.name != "index.html"
+    }
     assert on_disk == set(local)  # nothing stale beside the page
 
 
@@ -262,8 +370,11 @@ def test_corpus_sections_show_what_a_person_checks(corpus_run):
     assert any(r["key"] in rejected and r["error"].split(" > ")[0] in rejected for r in too_large)
     dups = _section(text, "duplicates")
     dup = next(r for r in rows if r["status"] == "duplicate")
-    kept = next(r for r in rows if r["group_id"] == dup["group_id"] and r["label"] == "real"
-                and r["status"] == "ok")
+    kept = next(
+        r
+        for r in rows
+        if r["group_id"] == dup["group_id"] and r["label"] == "real" and r["status"] == "ok"
+    )
     assert dup["key"] in dups and kept["key"] in dups
     assert dups.index(kept["key"]) < dups.index(dup["key"])  # the shipped one first
     assert 'badge shipped">shipped<' in dups and 'badge dropped">duplicate<' in dups
@@ -280,9 +391,13 @@ def test_corpus_sections_show_what_a_person_checks(corpus_run):
 def test_model_sections_absent_say_so_in_one_line(corpus_run):
     _, text = _page(corpus_run[0])
     model = _section(text, "model")
-    for what, path in (("training", "train.json"), ("evaluation", "evaluate.json"),
-                       ("worst samples", "worst.parquet"), ("scaling law", "scaling.json"),
-                       ("cross-domain transfer", "transfer.json")):
+    for what, path in (
+        ("training", "train.json"),
+        ("evaluation", "evaluate.json"),
+        ("worst samples", "worst.parquet"),
+        ("scaling law", "scaling.json"),
+        ("cross-domain transfer", "transfer.json"),
+    ):
         line = re.search(rf'<p class="absent"><b>{what}</b>: not shown, .*?</p>', model)
         assert line and path in line.group(0)
     assert "<img" not in model
@@ -315,17 +430,27 @@ def test_model_sections_read_the_documented_files(model_run):
 @pytest.mark.slow  # the corpus run behind it takes about 40 s
 def test_malformed_model_files_show_na_and_never_crash(model_run, tmp_path):
     _, raw, _ = model_run
-    p = params_mod.from_dict({**raw, "metrics_dir": str(tmp_path / "metrics"),
-                              "plots_dir": str(tmp_path / "plots")})
+    p = params_mod.from_dict(
+        {**raw, "metrics_dir": str(tmp_path / "metrics"), "plots_dir": str(tmp_path / "plots")}
+    )
     p.metrics.mkdir()
     p.plots.mkdir()
     (p.metrics / "train.json").write_text("[1, 2, 3]")  # not an object
-    (p.metrics / "evaluate.json").write_text(json.dumps({
-        "splits": {"test": {"image": {"auc": "high", "ap": None}, "pixel": 3, "n": "many"},
-                   "bad": 7},
-        "robustness": {"test": {"jpeg": {"image": {"auc": [1, 2]}}}}, "baselines": "none"}))
-    (p.metrics / "scaling.json").write_text(json.dumps({"points": [{"fraction": "x"}, 5],
-                                                        "fit": {"image_auc": {"a": "?"}}}))
+    (p.metrics / "evaluate.json").write_text(
+        json.dumps(
+            {
+                "splits": {
+                    "test": {"image": {"auc": "high", "ap": None}, "pixel": 3, "n": "many"},
+                    "bad": 7,
+                },
+                "robustness": {"test": {"jpeg": {"image": {"auc": [1, 2]}}}},
+                "baselines": "none",
+            }
+        )
+    )
+    (p.metrics / "scaling.json").write_text(
+        json.dumps({"points": [{"fraction": "x"}, 5], "fit": {"image_auc": {"a": "?"}}})
+    )
     (p.metrics / "transfer.json").write_text(json.dumps({"auc": {"a": {"b": "c"}}, "x": 1}))
     (p.plots / "train.csv").write_text("step,loss\n1,nan\nx,y\n")
     (p.plots / "evaluate_roc_test.csv").write_text("fpr\n0.1\n")
@@ -349,9 +474,12 @@ def test_same_inputs_give_the_same_page(corpus_run, tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         report.run(params, inputs, tmp_path / name, ex)
-    files = sorted(str(f.relative_to(tmp_path / "a")) for f in (tmp_path / "a").rglob("*") if f.is_file())
-    assert files == sorted(str(f.relative_to(tmp_path / "b")) for f in (tmp_path / "b").rglob("*")
-                           if f.is_file())
+    files = sorted(
+        str(f.relative_to(tmp_path / "a")) for f in (tmp_path / "a").rglob("*") if f.is_file()
+    )
+    assert files == sorted(
+        str(f.relative_to(tmp_path / "b")) for f in (tmp_path / "b").rglob("*") if f.is_file()
+    )
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
 
@@ -363,8 +491,9 @@ def synthetic_manifest(path: Path, n: int, seed: int = 0) -> None:
     """`n` records without images: realistic columns, every status and generator mix."""
     rng = np.random.default_rng(seed)
     gens = np.array(["copy_move", "inpaint", "splice", "t2i_synthesis", "removal"])
-    statuses = np.array(["ok"] * 16 + ["mask_too_small", "no_visible_change", "duplicate",
-                                        "truncated"])
+    statuses = np.array(
+        ["ok"] * 16 + ["mask_too_small", "no_visible_change", "duplicate", "truncated"]
+    )
     writer = pq.ParquetWriter(path, SCHEMA)
     step = 20_000
     for start in range(0, n, step):
@@ -377,11 +506,15 @@ def synthetic_manifest(path: Path, n: int, seed: int = 0) -> None:
             "source": ["synthetic"] * m,
             "group_id": [f"g{(start + i) // 3:08d}" for i in range(m)],
             "label": np.where(real, "real", "tampered").tolist(),
-            "domain": np.array(["natural", "face", "document", "aigc"])[rng.integers(0, 4, m)].tolist(),
+            "domain": np.array(["natural", "face", "document", "aigc"])[
+                rng.integers(0, 4, m)
+            ].tolist(),
             "operation": np.where(real, "none", g).tolist(),
             "generator": [None if r else x for r, x in zip(real, g, strict=True)],
-            "model_id": [None if r else ("tiny-random:abc" if x == "inpaint" else None)
-                         for r, x in zip(real, g, strict=True)],
+            "model_id": [
+                None if r else ("tiny-random:abc" if x == "inpaint" else None)
+                for r, x in zip(real, g, strict=True)
+            ],
             "width": rng.integers(64, 4000, m).tolist(),
             "height": rng.integers(64, 4000, m).tolist(),
             "format": np.where(rng.random(m) < 0.5, "jpg", "png").tolist(),
@@ -428,9 +561,15 @@ def test_the_stage_streams_a_large_manifest(tmp_path):
         root = tmp_path / str(n)
         (root / "data").mkdir(parents=True)
         synthetic_manifest(root / "data" / "manifest.parquet", n)
-        out = subprocess.run([sys.executable, "-c", _CHILD, str(root)], capture_output=True, check=False,
-                             text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                             timeout=600)
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(root)],
+            capture_output=True,
+            check=False,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            timeout=600,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         rows, batches, picks, html_bytes, seconds, rss_kib = out.stdout.split()
         results[n] = (int(batches), int(picks), int(html_bytes), float(seconds), int(rss_kib))
@@ -449,10 +588,14 @@ def test_the_stage_streams_a_large_manifest(tmp_path):
 def test_many_generators_are_capped_and_named(tmp_path):
     (tmp_path / "data").mkdir()
     synthetic_manifest(tmp_path / "data" / "manifest.parquet", 3000)
-    p = params_mod.from_dict({"data_dir": str(tmp_path / "data"),
-                              "metrics_dir": str(tmp_path / "metrics"),
-                              "plots_dir": str(tmp_path / "plots"),
-                              "report": {"max_generators": 2, "samples_per_generator": 1}})
+    p = params_mod.from_dict(
+        {
+            "data_dir": str(tmp_path / "data"),
+            "metrics_dir": str(tmp_path / "metrics"),
+            "plots_dir": str(tmp_path / "plots"),
+            "report": {"max_generators": 2, "samples_per_generator": 1},
+        }
+    )
     inputs, out = stages.resolve(stages.get("report"), p)
     out.mkdir()
     m = report.run(p, inputs, out, local_executor())
@@ -467,12 +610,18 @@ def test_a_page_without_images_loads_in_chromium_too(tmp_path):
     gone gives a page that still loads cleanly and says what is missing."""
     browser = find_browser()
     if browser is None:
-        pytest.skip("no Chromium on PATH: `apt-get install chromium` (make install does it as root)")
+        pytest.skip(
+            "no Chromium on PATH: `apt-get install chromium` (make install does it as root)"
+        )
     (tmp_path / "data").mkdir()
     synthetic_manifest(tmp_path / "data" / "manifest.parquet", 2000)
-    p = params_mod.from_dict({"data_dir": str(tmp_path / "data"),
-                              "metrics_dir": str(tmp_path / "metrics"),
-                              "plots_dir": str(tmp_path / "plots")})
+    p = params_mod.from_dict(
+        {
+            "data_dir": str(tmp_path / "data"),
+            "metrics_dir": str(tmp_path / "metrics"),
+            "plots_dir": str(tmp_path / "plots"),
+        }
+    )
     inputs, out = stages.resolve(stages.get("report"), p)
     out.mkdir()
     report.run(p, inputs, out, local_executor())
@@ -498,8 +647,9 @@ def test_bottom_k_picks_do_not_depend_on_row_order():
         picks.append({c: [r["key"] for r in bk.rows(c)] for c in ("a", "b")})
     assert picks[0] == picks[1]
     for c in ("a", "b"):
-        want = sorted((k for k, cc in zip(keys, cats, strict=True) if cc == c),
-                      key=lambda k: unit_hash(7, k))[:4]
+        want = sorted(
+            (k for k, cc in zip(keys, cats, strict=True) if cc == c), key=lambda k: unit_hash(7, k)
+        )[:4]
         assert picks[0][c] == want
 
 
