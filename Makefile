@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	# tesseract OCR for document forgeries; optional (an OpenCV fallback exists)
 	-command -v tesseract >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tesseract-ocr >/dev/null) ; } || true
+	# headless Chromium for the report's browser test; optional (the test skips without it)
+	-command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || true
 	touch $(STAMP)
 
 repro: $(STAMP)
