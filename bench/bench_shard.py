@@ -7,6 +7,8 @@
 2. As processes: `python -m pipeline shard --params ...` against a 20-line script that
    writes the same samples (image, all-0 mask, record JSON) with `webdataset.ShardWriter`.
    Target: at most 1.5x the script's wall time.
+3. Disk: the default export (balanced, nested fractions 10/25/50/100%, IMDL tree) of those
+   shards, in bytes on disk (each file once) against the 100% export alone. Target <= 1.2x.
 
 Timings interleave the contenders and take the best of `--repeats` (this machine is shared
 and noisy). `--large` adds the same comparison on camera-size JPEGs (3000 px) and
@@ -177,7 +179,7 @@ def as_processes(params, repeats: int) -> dict:
     def timed(cmd: list[str]) -> float:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
+                              stderr=subprocess.PIPE, check=False)
         wall = time.perf_counter() - t0
         if proc.returncode:
             raise RuntimeError(f"{cmd} failed: {proc.stderr.decode()[-2000:]}")
@@ -215,9 +217,42 @@ def as_processes(params, repeats: int) -> dict:
     }
 
 
+def export_disk(params) -> dict:
+    """The default export (balanced, fractions 10/25/50/100%, IMDL tree) of the same shards:
+    bytes on disk against the 100% export alone and against the shards it draws from."""
+    import contextlib
+    import io
+
+    from pipeline.cli import run_stage
+    from pipeline.executor import Executor
+    from pipeline.export import disk_usage
+
+    ex = Executor(params.executor)
+    with contextlib.redirect_stdout(io.StringIO()):
+        if not (params.data / "manifest.parquet").exists():
+            run_stage("shard", params, ex)
+        run_stage("export", params, ex)
+    exports = params.data / "exports"
+    full = exports / "balanced-100pct"
+    alone = sum(p.stat().st_size for p in full.rglob("*")
+                if p.is_file() and "imdl" not in p.relative_to(full).parts)
+    shards = sum(p.stat().st_size for p in (params.data / "shards").rglob("*") if p.is_file())
+    usage = disk_usage(exports)
+    return {
+        "export_folders": sorted(p.name for p in exports.iterdir()),
+        "export_bytes_on_disk": usage["new"],
+        "export_bytes_listed": usage["listed"],  # what copies would take
+        "export_100pct_alone_bytes": alone,
+        "shards_bytes": shards,
+        "export_disk_ratio_vs_100pct": round(usage["new"] / alone, 3),
+        "export_disk_ratio_vs_shards": round(usage["new"] / shards, 3),
+        "export_disk_target": 1.2,
+    }
+
+
 def child(work: Path, corpus_dir: Path) -> None:
     """ingest + shard in this process; prints peak RSS (KiB) as JSON."""
-    import pipeline.ingest  # noqa: F401  - imports counted in the baseline, not in the work
+    import pipeline.ingest
     import pipeline.shard  # noqa: F401
     from pipeline.cli import run_stage
     from pipeline.executor import Executor
@@ -278,6 +313,7 @@ def main() -> None:
             "ratio_vs_tar_target": 0.8,
             **procs,
             "process_ratio_target": 1.5,
+            **export_disk(params),
             "load_average_1min": round(load, 2),
         }
         if args.large:

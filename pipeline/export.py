@@ -54,21 +54,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.executor import Executor
 from pipeline.params import Params
 from pipeline.records import SPLITS, ManifestWriter, Record
-from pipeline.shard import (
-    ShardCutter,
-    ShardJobs,
-    full_mask,
-    iter_batches,
-    records_of,
-    remove_stale,
-)
-from pipeline.split import group_hash
+from pipeline.shard import ShardCutter, ShardJobs, full_mask, iter_batches, remove_stale
+from pipeline.split import group_hash, read_batches, records_of
 from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -78,7 +69,7 @@ STAND_IN = re.compile(r"^[A-Za-z0-9_.]+-random:")  # generators/diffusion.py: <p
 _RANK_BITS = 12  # rank histogram: 4096 bins per (split, cell)
 _RANK_SHIFT = 64 - _RANK_BITS
 _ALL = (1 << 64, "")  # a threshold above every rank
-_BATCH = 65536
+_BATCH = 8192
 _SCAN_COLUMNS = ["key", "status", "split", "blob", "domain", "label", "operation", "model_id"]
 
 Cell = tuple[str, str]
@@ -326,8 +317,7 @@ def _shippable_rows(b: dict[str, list], allow_stand_ins: bool, stand_ins: Counte
 
 
 def _column_batches(manifest: Path):
-    pf = pq.ParquetFile(manifest)
-    for batch in pf.iter_batches(batch_size=_BATCH, columns=_SCAN_COLUMNS):
+    for batch in read_batches(manifest, _SCAN_COLUMNS, _BATCH):
         yield {c: batch.column(c).to_pylist() for c in _SCAN_COLUMNS}
 
 
@@ -464,7 +454,8 @@ class _Imdl:
         f = self.files.get(split)
         if f is None:
             self.root.mkdir(parents=True, exist_ok=True)
-            f = self.files[split] = open(self.root / f".{split}.json.tmp", "w")
+            # one file per split, open while the samples stream by; closed in close()
+            f = self.files[split] = open(self.root / f".{split}.json.tmp", "w")  # noqa: SIM115
             f.write("[\n")
         else:
             f.write(",\n")
@@ -613,18 +604,18 @@ def card(ep: ExportPlan, folder: _Folder, stand_ins: Counter, allow: bool,
     lines = [
         f"# Export `{folder.name}`",
         "",
-        f"{n} samples written by the export stage of the dataset pipeline. Each split "
-        "is a set of WebDataset tars (`<split>/<split>-NNNNNN.tar`: `<key>.<ext>` image in its "
-        "own format, `<key>.mask.png` 0/255 mask, `<key>.json` record) with a parquet index per "
-        "tar; `manifest.parquet` lists every sample.",
+        (f"{n} samples written by the export stage of the dataset pipeline. Each split "
+         "is a set of WebDataset tars (`<split>/<split>-NNNNNN.tar`: `<key>.<ext>` image in its "
+         "own format, `<key>.mask.png` 0/255 mask, `<key>.json` record) with a parquet index "
+         "per tar; `manifest.parquet` lists every sample."),
         "",
-        f"- balanced: {spec.balance} (domain rule `{spec.short_domain}`, cell rule "
-        f"`{spec.short_cell}`, real share per domain {spec.real_fraction}, domain weights "
-        f"{spec.domains or 'equal'}, operation weights {spec.operations or 'equal'})",
-        f"- data fraction: {folder.eff:g} of the balanced set, applied to "
-        f"{', '.join(spec.fraction_splits)}; nested by a stable hash rank of the key. The "
-        "tars of a smaller fraction are the first tars of a larger one (hard links: same "
-        "names, same bytes).",
+        (f"- balanced: {spec.balance} (domain rule `{spec.short_domain}`, cell rule "
+         f"`{spec.short_cell}`, real share per domain {spec.real_fraction}, domain weights "
+         f"{spec.domains or 'equal'}, operation weights {spec.operations or 'equal'})"),
+        (f"- data fraction: {folder.eff:g} of the balanced set, applied to "
+         f"{', '.join(spec.fraction_splits)}; nested by a stable hash rank of the key. The "
+         "tars of a smaller fraction are the first tars of a larger one (hard links: same "
+         "names, same bytes)."),
     ]
     if allow:
         lines.append(f"- random-weight stand-in samples allowed: "
@@ -644,15 +635,15 @@ def card(ep: ExportPlan, folder: _Folder, stand_ins: Counter, allow: bool,
                   "|---|---:|---:|---:|"]
         lines += [f"| {d} | {v['target_share']:.3f} | {v['achieved_share']:.3f} | {v['achieved']} |"
                   for d, v in rep["domains"].items()]
-        lines += ["", "| cell (domain/operation) | target share | achieved share | target | "
-                  "achieved | available | |", "|---|---:|---:|---:|---:|---:|---|"]
+        lines += ["", ("| cell (domain/operation) | target share | achieved share | target | "
+                       "achieved | available | |"), "|---|---:|---:|---:|---:|---:|---|"]
         for x in rep["cells"]:
             flag = "short" if x["short"] else ""
             lines.append(f"| {x['cell']} | {x['target_share']:.3f} | {x['achieved_share']:.3f} | "
                          f"{x['target']:g} | {x['achieved']} | {x['available']} | {flag} |")
         short = rep["short_cells"]
-        lines += ["", f"Short cells (fewer samples than their target): "
-                  f"{', '.join(short) if short else 'none'}.", ""]
+        lines += ["", (f"Short cells (fewer samples than their target): "
+                       f"{', '.join(short) if short else 'none'}."), ""]
     lines += [
         "## Counts",
         "",
@@ -670,9 +661,9 @@ def card(ep: ExportPlan, folder: _Folder, stand_ins: Counter, allow: bool,
     ]
     if spec.imdl:
         lines += ["## IMDL-BenCo", "",
-                  "`imdl/<split>.json` lists `[image, mask or \"Negative\"]` with paths relative "
-                  "to the `imdl/` folder (hard links to the stored files); run IMDL-BenCo from "
-                  "there or prefix the paths.", ""]
+                  ("`imdl/<split>.json` lists `[image, mask or \"Negative\"]` with paths "
+                   "relative to the `imdl/` folder (hard links to the stored files); run "
+                   "IMDL-BenCo from there or prefix the paths."), ""]
     return "\n".join(lines)
 
 
@@ -706,7 +697,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
         "exports": {},
     }
     planned = set()
-    for name, ep in plans.items():
+    for ep in plans.values():
         folders = write_export(ep, manifest, data_dir, out, params.seed, p.allow_stand_ins,
                                executor)
         for f in folders.values():

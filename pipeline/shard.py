@@ -40,8 +40,9 @@ import pyarrow.parquet as pq
 from pipeline import imageio
 from pipeline.executor import Executor, Resources
 from pipeline.params import ExecutorParams, Params
-from pipeline.records import FIELDS, SCHEMA, SPLITS, Record
 from pipeline.records import _PUBLIC as PUBLIC
+from pipeline.records import FIELDS, SCHEMA, SPLITS, Record
+from pipeline.split import conform, read_batches, records_of
 from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -380,21 +381,9 @@ def write_shard_set(
 # ----------------------------------------------------------------------------- stage
 
 
-def conform(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """A manifest batch in the record schema's column order and types."""
-    if batch.schema.equals(SCHEMA):
-        return batch
-    cols = []
-    for f in SCHEMA:
-        if f.name in batch.schema.names:
-            cols.append(batch.column(f.name).cast(f.type))
-        else:
-            cols.append(pa.nulls(batch.num_rows, f.type))
-    return pa.RecordBatch.from_arrays(cols, schema=SCHEMA)
-
-
 def iter_batches(path: Path | str, batch_size: int = _BATCH) -> Iterator[pa.RecordBatch]:
-    for b in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+    """A manifest's record batches in the record schema, one row group in memory at a time."""
+    for b in read_batches(path, None, batch_size):
         yield conform(b)
 
 
@@ -432,12 +421,6 @@ def _shippable_mask(batch: pa.RecordBatch) -> pa.Array:
                 pc.is_in(batch.column("split"), value_set=pa.array(SPLITS))),
         pc.is_valid(batch.column("blob")),
     )
-
-
-def records_of(batch: pa.RecordBatch) -> list[Record]:
-    """Records of a batch in the record schema (see `conform`)."""
-    cols = batch.to_pydict()
-    return [Record(*values) for values in zip(*(cols[f] for f in FIELDS))]
 
 
 def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) -> dict[str, Any]:

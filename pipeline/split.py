@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 
 from pipeline.executor import Executor
 from pipeline.params import Params
-from pipeline.records import ManifestWriter, Record, counts, iter_records
+from pipeline.records import FIELDS, SCHEMA, ManifestWriter, Record
 from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ SYNTHESIZED = "synthesized"  # `kind` of the rows the synthesize stage makes
 _BINS = 1 << 16  # histogram bins of the 64-bit group hash, per domain
 _BIN_SHIFT = 64 - 16
 _SMALL_BINS = 4096  # a domain occupying fewer bins is small: all its groups are held and cut
-_BATCH = 65536  # rows per record batch read from a manifest
+_BATCH = 8192  # rows per record batch read from a manifest
+_COUNTED = ("status", "domain", "operation", "generator", "label", "split")  # records.counts
 _COLUMNS = ("key", "group_id", "source_id", "parent_key", "kind", "status", "domain", "label",
             "donor_key")
 
@@ -114,8 +115,9 @@ def choose(u: float, ratios: Mapping[str, float]) -> str:
 def group_key(row: Any) -> str:
     """The group a row belongs to: its near-duplicate group (a forgery carries its source's),
     else the original item's hash, else its parent, else itself."""
-    get = row.get if isinstance(row, Mapping) else (lambda k: getattr(row, k))
-    return get("group_id") or get("source_id") or get("parent_key") or get("key")
+    if isinstance(row, dict):
+        return row["group_id"] or row["source_id"] or row["parent_key"] or row["key"]
+    return row.group_id or row.source_id or row.parent_key or row.key
 
 
 def is_corpus(kind: str | None) -> bool:
@@ -154,9 +156,9 @@ class _Columns:
 
     def __iter__(self) -> Iterator[dict[str, list]]:
         if self.path is not None:
-            pf = pq.ParquetFile(self.path)
-            have = [c for c in self.columns if c in pf.schema_arrow.names]
-            batches: Iterable[pa.RecordBatch] = pf.iter_batches(batch_size=_BATCH, columns=have)
+            names = pq.ParquetFile(self.path).schema_arrow.names
+            have = [c for c in self.columns if c in names]
+            batches: Iterable[pa.RecordBatch] = read_batches(self.path, have, _BATCH)
         else:
             have = [c for c in self.columns if c in self.table.column_names]
             batches = self.table.select(have).to_batches(max_chunksize=_BATCH)
@@ -166,6 +168,35 @@ class _Columns:
             for c in self.columns:
                 out.setdefault(c, [None] * n)
             yield out
+
+
+def read_batches(path: str | Path, columns: list[str] | None = None,
+                 batch_size: int = _BATCH) -> Iterator[pa.RecordBatch]:
+    """A parquet file's record batches, one row group at a time. (`ParquetFile.iter_batches`
+    holds on to memory in proportion to the rows read, about 27 bytes a row in pyarrow 26.)"""
+    pf = pq.ParquetFile(path)
+    for i in range(pf.num_row_groups):
+        table = pf.read_row_group(i, columns=columns, use_threads=False)
+        yield from table.to_batches(max_chunksize=batch_size)
+
+
+def conform(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A manifest batch in the record schema's column order and types."""
+    if batch.schema.equals(SCHEMA):
+        return batch
+    cols = []
+    for f in SCHEMA:
+        if f.name in batch.schema.names:
+            cols.append(batch.column(f.name).cast(f.type))
+        else:
+            cols.append(pa.nulls(batch.num_rows, f.type))
+    return pa.RecordBatch.from_arrays(cols, schema=SCHEMA)
+
+
+def records_of(batch: pa.RecordBatch) -> list[Record]:
+    """The records of a batch in the record schema (see `conform`)."""
+    cols = batch.to_pydict()
+    return [Record(*values) for values in zip(*(cols[f] for f in FIELDS))]
 
 
 def _group_hashes(groups: list[str], seed: int) -> np.ndarray:
@@ -420,13 +451,22 @@ class _Refs:
                 self.found[pos[j]] = True
 
     def group_of(self, key: str) -> int | None:
-        if not len(self.keys):
-            return None
-        kh = np.uint64(key_hash(key))
-        i = int(np.searchsorted(self.keys, kh))
-        if i < len(self.keys) and self.keys[i] == kh and self.found[i]:
-            return int(self.groups[i])
-        return None
+        return self.groups_of([key])[0]
+
+    def groups_of(self, keys: list[str | None]) -> list[int | None]:
+        """The group hash of each referenced key (None: not a corpus row of the manifest)."""
+        out: list[int | None] = [None] * len(keys)
+        idx = [i for i, k in enumerate(keys) if k]
+        if not idx or not len(self.keys):
+            return out
+        kh = np.array([key_hash(keys[i]) for i in idx], np.uint64)
+        pos = np.searchsorted(self.keys, kh)
+        pos[pos >= len(self.keys)] = 0
+        hit = (self.keys[pos] == kh) & self.found[pos]
+        groups = self.groups[pos]
+        for j in np.flatnonzero(hit):
+            out[idx[j]] = int(groups[j])
+        return out
 
 
 @dataclass
@@ -446,24 +486,29 @@ class Planner:
         self.refs = _Refs(cols, seed)
         self.ood_gen, self.ood_op = set(p.ood_generators), set(p.ood_operations)
 
-    def row_group(self, r: Record) -> int:
-        if r.parent_key and is_corpus(r.kind):  # a pairs edit follows its original
-            h = self.refs.group_of(r.parent_key)
-            if h is not None:
-                return h
-        return group_hash(self.seed, group_key(r))
-
-    def decide(self, r: Record) -> Decision:
+    def decide(self, r: Any) -> Decision:
         """The split of one ok row, or why it is not shipped."""
-        h = self.row_group(r)
-        if h in self.groups.blocked:
+        return self.decide_many([r])[0]
+
+    def decide_many(self, rows: list[Any]) -> list[Decision]:
+        """`decide` for a batch of ok rows (records, or anything with their attributes);
+        the donor and original lookups run vectorised."""
+        parents = self.refs.groups_of([r.parent_key if r.parent_key and is_corpus(r.kind)
+                                       else None for r in rows])
+        donors = self.refs.groups_of([r.donor_key for r in rows])
+        return [self._decide(r, ph, dh) for r, ph, dh in zip(rows, parents, donors)]
+
+    def _decide(self, r: Any, parent_h: int | None, donor_h: int | None) -> Decision:
+        # a pairs edit follows its original; everything else its own group
+        h = parent_h if parent_h is not None else group_hash(self.seed, group_key(r))
+        blocked = self.groups.blocked
+        if h in blocked:
             return Decision(status="blocklisted", error=(
-                f"near-duplicate of blocklist item {self.groups.blocked[h]}; never shipped"))
-        donor_h = self.refs.group_of(r.donor_key) if r.donor_key else None
-        if donor_h is not None and donor_h in self.groups.blocked:
+                f"near-duplicate of blocklist item {blocked[h]}; never shipped"))
+        if donor_h is not None and donor_h in blocked:
             return Decision(status="blocklisted", error=(
                 f"its donor {r.donor_key} is a near-duplicate of blocklist item "
-                f"{self.groups.blocked[donor_h]}; never shipped"))
+                f"{blocked[donor_h]}; never shipped"))
         if r.generator in self.ood_gen or (r.operation in self.ood_op and r.operation != "none"):
             return Decision(split="test_ood")
         split = self.groups.of_hash(h)
@@ -490,21 +535,30 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     by_domain_split: Counter = Counter()
     real_rows: Counter = Counter()
     rejected: Counter = Counter()
+    by: dict[str, Counter] = {k: Counter() for k in _COUNTED}
+    total = 0
     with ManifestWriter(out / "manifest.parquet") as w:
-        for r in iter_records(src):
-            if r.status == "ok":
-                d = planner.decide(r)
-                if d.status != "ok":
+        for batch in read_batches(src):
+            recs = records_of(conform(batch))
+            ok = [r for r in recs if r.status == "ok"]
+            decided = dict(zip((r.key for r in ok), planner.decide_many(ok)))
+            for r in recs:
+                d = decided.get(r.key) if r.status == "ok" else None
+                if d is not None and d.status != "ok":
                     r = r.replace(status=d.status, error=d.error, stage="split")
                     rejected[d.status] += 1
-                else:
+                elif d is not None:
                     r = r.replace(split=d.split)
                     by_split[r.split] += 1
                     by_domain_split[f"{r.domain}/{r.split}"] += 1
                     if r.label == "real":
                         real_rows[r.split] += 1
-            w.write(r)
-    metrics: dict[str, Any] = counts(iter_records(out / "manifest.parquet"))
+                w.write(r)
+                total += 1
+                for k, c in by.items():
+                    c[str(getattr(r, k))] += 1
+    metrics: dict[str, Any] = {"total": total}
+    metrics.update({f"by_{k}": dict(sorted(c.items())) for k, c in by.items()})
     n_real = sum(real_rows.values()) or 1
     metrics["split"] = {
         "by_split": dict(sorted(by_split.items())),

@@ -154,7 +154,7 @@ def _exact(rows: list[Record], p: split.SplitParams, seed: int) -> dict[str, str
     for r in rows:
         w[r.domain][r.group_id] += 1
     out = {}
-    for dom, groups in w.items():
+    for groups in w.values():
         order = sorted(groups, key=lambda g: split.group_hash(seed, g))
         total, acc = sum(groups.values()), 0
         for g in order:
