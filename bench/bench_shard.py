@@ -11,7 +11,7 @@
    shards, in bytes on disk (each file once) against the 100% export alone. Target <= 1.2x.
 
 Timings interleave the contenders and take the best of `--repeats` (this machine is shared
-and noisy). `--large` adds the same comparison on camera-size JPEGs (3000 px) and
+and noisy); the in-process timing runs in a fresh interpreter. `--large` adds the same comparison on camera-size JPEGs (3000 px) and
 `--memory` the peak memory of ingest + shard at 1x and 4x the corpus (target <= 1.2x).
 
     python bench/bench_shard.py [--n 200] [--repeats 15] [--large] [--memory]
@@ -164,6 +164,15 @@ def in_process(params, nbytes: int, repeats: int) -> dict:
     }
 
 
+def in_process_fresh(work: Path, nbytes: int, repeats: int) -> dict:
+    """`in_process` in a fresh interpreter: the stage's own work, not the state this process
+    was left in by ingest (its objects make every garbage collection longer)."""
+    out = subprocess.run([sys.executable, __file__, "--time-shard", str(work), str(nbytes),
+                          str(repeats)], capture_output=True, text=True, check=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def as_processes(params, repeats: int) -> dict:
     """`python -m pipeline shard` vs a webdataset.ShardWriter script, wall time and peak RSS."""
     import yaml
@@ -297,7 +306,14 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="also peak memory at 1x and 4x")
     ap.add_argument("--out", default=str(ROOT / "metrics" / "bench_shard.json"))
     ap.add_argument("--child", nargs=2, metavar=("WORK", "CORPUS"), help=argparse.SUPPRESS)
+    ap.add_argument("--time-shard", nargs=3, metavar=("WORK", "BYTES", "REPEATS"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.time_shard:
+        work = Path(args.time_shard[0])
+        params = params_for(work / "run", work / "jpegs")
+        print(json.dumps(in_process(params, int(args.time_shard[1]), int(args.time_shard[2]))))
+        return
     if args.child:
         child(Path(args.child[0]), Path(args.child[1]))
         return
@@ -305,7 +321,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_shard_"))
     try:
         params, nbytes = prepare(tmp / "small", args.n, 640)
-        small = in_process(params, nbytes, args.repeats)
+        small = in_process_fresh(tmp / "small", nbytes, args.repeats)
         procs = as_processes(params, max(3, args.repeats // 3))
         result = {
             **{f"small_{k}": v for k, v in small.items()},
@@ -318,7 +334,8 @@ def main() -> None:
         }
         if args.large:
             lp, lb = prepare(tmp / "large", max(args.n // 2, 10), 3000)
-            result.update({f"large_{k}": v for k, v in in_process(lp, lb, args.repeats).items()})
+            result.update({f"large_{k}": v for k, v in
+                           in_process_fresh(tmp / "large", lb, args.repeats).items()})
         if args.memory:
             result.update(memory(tmp, tmp / "small" / "jpegs"))
     finally:

@@ -524,9 +524,10 @@ def write_export(ep: ExportPlan, manifest: Path, data_dir: Path, out: Path, seed
                 continue
             mask = np.zeros(batch.num_rows, bool)
             mask[picked] = True
-            for r, c in zip(records_of(batch.filter(mask)), cells):
-                done = cutters[r.split].add(r)
-                names[r.split] += [n for n, _ in done]
+            chosen = batch.filter(mask)
+            for i, (r, c) in enumerate(zip(records_of(chosen), cells)):
+                done = cutters[r.split].add(r, (chosen, i))
+                names[r.split] += [n for n, _, _ in done]
                 jobs.add(out / store / r.split, done)
                 lv_r = level if r.split in ep.spec.fraction_splits else 0
                 for f in folders.values():
@@ -535,7 +536,7 @@ def write_export(ep: ExportPlan, manifest: Path, data_dir: Path, out: Path, seed
         for s in ep.splits:  # close the open shards: this level is a prefix
             if s in ep.spec.fraction_splits or level == 0:
                 done = cutters[s].flush()
-                names[s] += [n for n, _ in done]
+                names[s] += [n for n, _, _ in done]
                 jobs.add(out / store / s, done)
             ends[s].append(len(names[s]))
     jobs.drain()

@@ -161,15 +161,26 @@ def tar_header(name: str, size: int) -> bytes:
                      b"%06o\0 " % chksum, _TAIL))
 
 
+class FileMember:
+    """A tar member whose bytes are a file's: copied by the kernel (`copy_file_range`),
+    never read into Python."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str):
+        self.path = path
+
+
 class TarOut:
     """Writes WebDataset samples to a file descriptor, as webdataset's TarWriter would: each
-    sample's members in sorted name order, written with one `writev`."""
+    sample's members in sorted name order; bytes members gathered into one `writev`."""
 
     def __init__(self, fd: int):
         self.fd = fd
         self.offset = 0
+        self._copy = hasattr(os, "copy_file_range")
 
-    def write(self, sample: dict[str, bytes]) -> int:
+    def write(self, sample: dict[str, Any]) -> int:
         """Returns the bytes of member data."""
         key = sample["__key__"]
         total = 0
@@ -178,11 +189,16 @@ class TarOut:
             if ext == "__key__":
                 continue
             data = sample[ext]
-            if isinstance(data, str):
-                data = data.encode("utf-8")
-            n = len(data)
-            parts.append(tar_header(f"{key}.{ext}", n))
-            parts.append(data)
+            if isinstance(data, FileMember):
+                self._writev(parts)
+                parts = []
+                n = self._file(f"{key}.{ext}", data.path)
+            else:
+                if isinstance(data, str):
+                    data = data.encode("utf-8")
+                n = len(data)
+                parts.append(tar_header(f"{key}.{ext}", n))
+                parts.append(data)
             pad = -n % _BLOCK
             if pad:
                 parts.append(_ZEROS[:pad])
@@ -190,7 +206,38 @@ class TarOut:
         self._writev(parts)
         return total
 
+    def _file(self, name: str, path: str) -> int:
+        src = os.open(path, os.O_RDONLY)
+        try:
+            n = os.fstat(src).st_size
+            self._writev([tar_header(name, n)])
+            left = n
+            while left and self._copy:
+                try:
+                    got = os.copy_file_range(src, self.fd, left)
+                except OSError:  # another file system, or none: copy through memory
+                    self._copy = False
+                    break
+                if not got:
+                    break
+                left -= got
+            if left:
+                os.lseek(src, n - left, os.SEEK_SET)
+                while left:
+                    chunk = os.read(src, min(left, 1 << 22))
+                    if not chunk:
+                        raise OSError(f"{path}: shorter than its size")
+                    self._writev([chunk])
+                    left -= len(chunk)
+            else:
+                self.offset += n
+            return n
+        finally:
+            os.close(src)
+
     def _writev(self, parts: list[bytes]) -> None:
+        if not parts:
+            return
         want = sum(len(p) for p in parts)
         done = os.writev(self.fd, parts)
         if done < want:  # a short write: finish it piece by piece
@@ -216,8 +263,10 @@ def _digest(records_json: list[bytes]) -> str:
     return h.hexdigest()
 
 
-def write_shard(records: list[Record], data_dir: Path, out_dir: Path, name: str) -> dict[str, Any]:
-    """Writes `name.tar`, `name.parquet`, then `name_stats.json`; skips a complete match."""
+def write_shard(records: list[Record], data_dir: Path, out_dir: Path, name: str,
+                index_table: pa.Table | None = None) -> dict[str, Any]:
+    """Writes `name.tar`, `name.parquet`, then `name_stats.json`; skips a complete match.
+    `index_table`: the records as an Arrow table, when the caller has it."""
     tar, index, stats_path = out_dir / f"{name}.tar", out_dir / f"{name}.parquet", out_dir / f"{name}_stats.json"
     records_json = [_record_json(r) for r in records]
     digest = _digest(records_json)
@@ -237,13 +286,17 @@ def write_shard(records: list[Record], data_dir: Path, out_dir: Path, name: str)
     try:
         w = TarOut(fd)
         for r, j in zip(records, records_json):
-            nbytes += w.write(sample_members(r, data, j))
+            sample = {"__key__": r.key, r.format: FileMember(os.path.join(data, r.blob)),
+                      "mask.png": mask_bytes(r, data), "json": j}
+            if r.diff_blob:
+                sample["diff.png"] = FileMember(os.path.join(data, r.diff_blob))
+            nbytes += w.write(sample)
         w.close()
     finally:
         os.close(fd)
     os.replace(tmp, tar)
     tmp_index = out_dir / f".{name}.parquet.{os.getpid()}.tmp"
-    pq.write_table(_index_table(records), tmp_index)
+    pq.write_table(index_table if index_table is not None else _index_table(records), tmp_index)
     os.replace(tmp_index, index)
     stats = {
         "shard": tar.name,
@@ -273,9 +326,9 @@ class _ShardWriter:
     def __init__(self, data_dir: str):
         self.data_dir = Path(data_dir)
 
-    def __call__(self, job: tuple[str, str, list[Record]]) -> dict[str, Any]:
-        out_dir, name, records = job
-        return write_shard(records, self.data_dir, Path(out_dir), name)
+    def __call__(self, job: tuple[str, str, list[Record], pa.Table | None]) -> dict[str, Any]:
+        out_dir, name, records, index = job
+        return write_shard(records, self.data_dir, Path(out_dir), name, index)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -291,31 +344,52 @@ class ShardCutter:
         self.prefix, self.max_count, self.max_bytes = prefix, max_count, max_bytes
         self.next = start
         self.samples = 0
-        self._open: dict[tuple[str, bool], tuple[list[Record], list[int]]] = {}
+        self._open: dict[tuple[str, bool], tuple[list[Record], list[Any], list[int]]] = {}
 
-    def _close(self, layout: tuple[str, bool]) -> tuple[str, list[Record]]:
-        recs, _ = self._open.pop(layout)
+    def _close(self, layout: tuple[str, bool]) -> Cut:
+        recs, rows, _ = self._open.pop(layout)
         name = f"{self.prefix}-{self.next:06d}"
         self.next += 1
-        return name, recs
+        return name, recs, rows
 
-    def add(self, r: Record) -> list[tuple[str, list[Record]]]:
+    def add(self, r: Record, row: tuple[pa.RecordBatch, int] | None = None) -> list[Cut]:
+        """Adds a record (and, optionally, where it is in an Arrow batch: the shard's parquet
+        index is then taken from the batches); returns the shards this closed."""
         layout = member_layout(r)
         n = r.nbytes or 0
         done = []
         cur = self._open.get(layout)
-        if cur is not None and (len(cur[0]) >= self.max_count or cur[1][0] + n > self.max_bytes):
+        if cur is not None and (len(cur[0]) >= self.max_count or cur[2][0] + n > self.max_bytes):
             done.append(self._close(layout))
             cur = None
         if cur is None:
-            cur = self._open[layout] = ([], [0])
+            cur = self._open[layout] = ([], [], [0])
         cur[0].append(r)
-        cur[1][0] += n
+        cur[1].append(row)
+        cur[2][0] += n
         self.samples += 1
         return done
 
-    def flush(self) -> list[tuple[str, list[Record]]]:
+    def flush(self) -> list[Cut]:
         return [self._close(layout) for layout in sorted(self._open)]
+
+
+Cut = tuple[str, list[Record], list[Any]]  # shard name, its records, where they are in batches
+
+
+def _take(rows: list[Any]) -> pa.Table | None:
+    """The rows of Arrow batches named by (batch, index) pairs, as one table."""
+    if not rows or any(x is None for x in rows):
+        return None
+    parts, cur, idx = [], None, []
+    for batch, i in rows:
+        if batch is not cur:
+            if idx:
+                parts.append(cur.take(pa.array(idx, pa.int64())))
+            cur, idx = batch, []
+        idx.append(i)
+    parts.append(cur.take(pa.array(idx, pa.int64())))
+    return pa.Table.from_batches(parts, schema=SCHEMA)
 
 
 class ShardJobs:
@@ -325,12 +399,12 @@ class ShardJobs:
         self.factory = partial(_ShardWriter, str(data_dir))
         self.executor = executor or Executor(ExecutorParams(backend="local", progress=False))
         self.desc = desc
-        self.pending: list[tuple[str, str, list[Record]]] = []
+        self.pending: list[tuple[str, str, list[Record], pa.Table | None]] = []
         self.stats: list[dict[str, Any]] = []
 
-    def add(self, out_dir: Path, shards: Iterable[tuple[str, list[Record]]]) -> None:
-        for name, recs in shards:
-            self.pending.append((str(out_dir), name, recs))
+    def add(self, out_dir: Path, shards: Iterable[Cut]) -> None:
+        for name, recs, rows in shards:
+            self.pending.append((str(out_dir), name, recs, _take(rows)))
         if len(self.pending) >= _WINDOW:
             self.drain()
 
@@ -368,10 +442,10 @@ def write_shard_set(
     names: list[str] = []
     for r in records:
         done = cutter.add(r)
-        names += [n for n, _ in done]
+        names += [n for n, _, _ in done]
         jobs.add(out_dir, done)
     done = cutter.flush()
-    names += [n for n, _ in done]
+    names += [n for n, _, _ in done]
     jobs.add(out_dir, done)
     jobs.drain()
     remove_stale(out_dir, prefix, names)
@@ -443,16 +517,17 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
                 writer.write_batch(batch)
                 total += batch.num_rows
                 count_batch(batch, by)
-                for r in records_of(batch.filter(_shippable_mask(batch))):
-                    done = cutters[r.split].add(r)
-                    names[r.split] += [n for n, _ in done]
+                ship = batch.filter(_shippable_mask(batch))
+                for i, r in enumerate(records_of(ship)):
+                    done = cutters[r.split].add(r, (ship, i))
+                    names[r.split] += [n for n, _, _ in done]
                     jobs.add(out / r.split, done)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     for s in SPLITS:
         done = cutters[s].flush()
-        names[s] += [n for n, _ in done]
+        names[s] += [n for n, _, _ in done]
         jobs.add(out / s, done)
     jobs.drain()
     tar_bytes: Counter = Counter()

@@ -182,7 +182,7 @@ def read_batches(path: str | Path, columns: list[str] | None = None,
 
 def conform(batch: pa.RecordBatch) -> pa.RecordBatch:
     """A manifest batch in the record schema's column order and types."""
-    if batch.schema.equals(SCHEMA):
+    if batch.schema.equals(SCHEMA, check_metadata=True):
         return batch
     cols = []
     for f in SCHEMA:
