@@ -333,7 +333,7 @@ def main() -> None:
             "load_average_1min": round(load, 2),
         }
         if args.large:
-            lp, lb = prepare(tmp / "large", max(args.n // 2, 10), 3000)
+            _, lb = prepare(tmp / "large", max(args.n // 2, 10), 3000)
             result.update({f"large_{k}": v for k, v in
                            in_process_fresh(tmp / "large", lb, args.repeats).items()})
         if args.memory:
