@@ -1,8 +1,11 @@
-"""Splits by near-duplicate unit (no leakage), test_ood, blocklist; balanced nested exports."""
+"""Exports: balance by domain and cell, stand-ins left out, nested fractions sharing storage,
+cards, IMDL trees; the whole chain on package images (splits in tests/test_split.py)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -22,147 +25,212 @@ from skimage import data as skdata
 
 from pipeline import export, split
 from pipeline.cli import run_stage
-from pipeline.params import ParamsError, from_dict
+from pipeline.params import from_dict
 from pipeline.records import Record, read_records
 from pipeline.records import write_manifest as write_records
 from pipeline.stages import names as stage_names
 
 
-def _records(n_groups: int = 60) -> list[Record]:
-    """Real rows in near-duplicate groups (some with two copies) and forgeries of them."""
-    rows = []
-    for g in range(n_groups):
-        gid = f"g{g:04d}"
-        rows.append(Record(key=f"r{g:04d}a", source="s", group_id=gid, domain="natural"))
-        if g % 3 == 0:  # a near-duplicate copy, same group
-            rows.append(Record(key=f"r{g:04d}b", source="s", group_id=gid, domain="natural"))
-        for op in ("copy_move", "removal"):
-            rows.append(Record(key=f"f{g:04d}{op}", source="s", label="tampered", domain="natural",
-                               operation=op, generator=op, parent_key=f"r{g:04d}a",
-                               group_id=gid))
-        # a splice whose donor is the next group's photo: the two groups become one unit
-        donor = f"r{(g + 1) % n_groups:04d}a"
-        rows.append(Record(key=f"f{g:04d}splice", source="s", label="tampered", domain="natural",
-                           operation="splice", generator="splice", parent_key=f"r{g:04d}a",
-                           group_id=gid, donor_key=donor)
-                    if g % 10 == 5 else
-                    Record(key=f"f{g:04d}gan", source="s", label="synthetic", domain="aigc",
-                           operation="full_synthesis", generator="gan_synthesis",
-                           parent_key=f"r{g:04d}a", group_id=gid))
-    return rows
-
-
-def _split(tmp_path: Path, rows: list[Record], seed: int = 0, **section) -> dict[str, Record]:
-    params = make_params(tmp_path, [], seed=seed, split=section)
-    src = tmp_path / "in.parquet"
-    write_records(src, rows)
-    out = tmp_path / f"split-{seed}"
-    split.run(params, {"manifest": src}, out, local_executor())
-    return {r.key: r for r in read_records(out / "manifest.parquet")}
-
-
-def test_split_keeps_groups_and_forgeries_together(tmp_path):
-    rows = _records()
-    got = _split(tmp_path, rows)
-    assert set(got) == {r.key for r in rows}  # nothing lost
-    by_group: dict[str, set[str]] = {}
-    for r in got.values():
-        by_group.setdefault(r.group_id, set()).add(r.split)
-    assert all(len(s) == 1 for s in by_group.values()), "a near-duplicate group spans splits"
-    for r in got.values():
-        if r.parent_key:
-            assert r.split == got[r.parent_key].split
-        if r.donor_key:
-            assert r.split == got[r.donor_key].split
-    assert Counter(r.split for r in got.values()).keys() <= {"train", "val", "test"}
-    # roughly the ratios (units are hashed, not counted), and every split used
-    share = Counter(r.split for r in got.values() if r.key.startswith("r"))
-    assert set(share) == {"train", "val", "test"}
-    assert 0.6 < share["train"] / sum(share.values()) < 0.95
-
-
-def test_split_is_deterministic_and_depends_on_seed(tmp_path):
-    rows = _records()
-    a = _split(tmp_path / "a", rows, seed=1)
-    b = _split(tmp_path / "b", rows, seed=1)
-    c = _split(tmp_path / "c", rows, seed=2)
-    assert {k: r.split for k, r in a.items()} == {k: r.split for k, r in b.items()}
-    assert {k: r.split for k, r in a.items()} != {k: r.split for k, r in c.items()}
-
-
-def test_ood_generators_go_only_to_test_ood(tmp_path):
-    got = _split(tmp_path, _records(), ood_generators=["removal"], ood_operations=["full_synthesis"])
-    for r in got.values():
-        if r.generator == "removal" or r.operation == "full_synthesis":
-            assert r.split == "test_ood"
-        else:
-            assert r.split in ("train", "val", "test")
-
-
-def test_blocklist_removes_its_near_duplicates_from_train_and_val(tmp_path):
-    rows = _records(10)
-    rows.append(Record(key="bench1", source="benchmark", group_id="g0003", kind="blocklist",
-                       status="blocklist"))
-    got = _split(tmp_path, rows, ratios={"train": 1.0})
-    for key in ("r0003a", "f0003copy_move", "f0003removal"):
-        assert got[key].status == "blocklisted" and got[key].split is None
-        assert "bench1" in got[key].error
-    assert got["bench1"].split is None and got["bench1"].status == "blocklist"
-    assert got["r0004a"].status == "ok" and got["r0004a"].split == "train"
-
-
-@pytest.mark.parametrize("section,needle", [
-    ({"ratios": {"train": 0.5, "val": 0.1}}, "must sum to 1"),
-    ({"ratios": {"train": 0.9, "dev": 0.1}}, "unknown split 'dev'"),
-])
-def test_bad_split_params_are_rejected(section, needle):
-    with pytest.raises(ParamsError, match=needle):
-        from_dict({"split": section})
-
-
-# ----------------------------------------------------------------------------- exports
-
-
-def _cells(n: dict[tuple[str, str], int]) -> list[Record]:
+def _cells(n: dict[tuple[str, str], int], split_name: str = "train") -> list[Record]:
     rows = []
     for (domain, op), count in n.items():
         for i in range(count):
-            rows.append(Record(key=f"{domain}{op}{i:05d}", source="s", domain=domain, operation=op,
-                               label="real" if op == "none" else "tampered", split="train"))
+            rows.append(Record(key=f"{split_name}{domain}{op}{i:05d}", source="s", domain=domain,
+                               operation=op, label="real" if op == "none" else "tampered",
+                               split=split_name))
     return rows
 
 
-def test_shrink_balances_exactly_and_fill_never_exceeds_a_share():
-    avail = {("natural", "none"): 400, ("natural", "copy_move"): 300, ("natural", "splice"): 20,
-             ("document", "none"): 100, ("document", "text_replace"): 250}
-    rows = _cells(avail)
-    spec = export.ExportSpec(short_cell="shrink")
-    got = Counter(export.cell(r) for r in export.select(rows, spec, seed=0, fraction=1.0))
-    share = export.shares(list(avail), spec)
+def _allocate(avail: dict, **spec) -> dict:
+    s = export.ExportSpec(**spec)
+    return export.allocate(avail, export.shares(sorted(avail), s), s)
+
+
+AVAIL = {("natural", "none"): 400, ("natural", "copy_move"): 300, ("natural", "splice"): 20,
+         ("document", "none"): 100, ("document", "text_replace"): 250}
+
+
+def test_shrink_balances_exactly():
+    got = _allocate(AVAIL, short_cell="shrink")
+    share = export.shares(list(AVAIL), export.ExportSpec())
     assert share[("natural", "none")] == pytest.approx(0.25)
     assert share[("natural", "splice")] == pytest.approx(0.125)
     # the scarcest cell (splice: 20 for a 1/8 share) sets the size; all cells in proportion
     assert got[("natural", "splice")] == 20
-    for c in avail:
+    for c in AVAIL:
         assert got[c] == pytest.approx(share[c] * 160, abs=1)
-    fill = export.ExportSpec(short_cell="fill")
-    got = Counter(export.cell(r) for r in export.select(rows, fill, seed=0, fraction=1.0))
-    assert got[("natural", "splice")] == 20  # short: gives all it has
-    assert sum(got.values()) > 160  # not limited by the scarcest cell
-    lam = max(got[c] / share[c] for c in avail)
-    for c in avail:  # every cell is at its share of the common size, or short
-        assert got[c] == avail[c] or got[c] == pytest.approx(share[c] * lam, abs=1)
 
 
-def test_fractions_are_nested():
-    rows = _cells({("natural", "none"): 300, ("natural", "copy_move"): 200, ("face", "none"): 90,
-                   ("face", "face_swap"): 40})
-    spec = export.ExportSpec()
-    sets = [{r.key for r in export.select(rows, spec, 0, f)} for f in (0.1, 0.25, 0.5, 1.0)]
-    for small, large in zip(sets, sets[1:]):
-        assert small < large
-    assert len(sets[0]) == pytest.approx(len(sets[3]) * 0.1, abs=4)
+def test_fill_meets_domain_shares_and_fills_short_cells_inside_the_domain():
+    """Issue 14.7: equal domain weights give equal domains; a short cell gives all it has and
+    the rest of its domain takes its place."""
+    got = _allocate(AVAIL)  # short_domain shrink, short_cell fill
+    nat = sum(v for c, v in got.items() if c[0] == "natural")
+    doc = sum(v for c, v in got.items() if c[0] == "document")
+    assert nat == doc == 350  # document (350 available) sets the size
+    assert got[("natural", "splice")] == 20  # short: all of it
+    # natural's other cells keep their 2:1 ratio and fill the splice's place
+    assert got[("natural", "none")] + got[("natural", "copy_move")] == 330
+    assert got[("natural", "none")] == pytest.approx(2 * got[("natural", "copy_move")], abs=1)
+    assert got[("document", "none")] == 100 and got[("document", "text_replace")] == 250
 
+
+def test_short_domain_fill_uses_the_median_domain():
+    avail = {("natural", "none"): 1000, ("face", "none"): 1000, ("document", "none"): 50}
+    got = _allocate(avail, short_domain="fill")
+    assert got == {("natural", "none"): 1000, ("face", "none"): 1000, ("document", "none"): 50}
+    assert _allocate(avail) == {c: 50 for c in avail}  # shrink: exact shares
+
+
+def _write_manifest(tmp_path: Path, rows: list[Record]) -> Path:
+    """A final manifest whose rows point at tiny real blobs (4x4 PNGs, one per row)."""
+    from pipeline import imageio
+    data = tmp_path / "data"
+    mask = np.zeros((4, 4), bool)
+    mask[:2] = True
+    imageio.write_bytes(data / "m.png", imageio.encode_mask(mask))
+    out = []
+    for i, r in enumerate(rows):
+        img = Image.new("RGB", (4, 4), (i % 256, (i // 256) % 256, 7))
+        save(img, data / "blobs" / f"{r.key}.png", "PNG")
+        out.append(r.replace(blob=f"blobs/{r.key}.png", format="png", width=4, height=4,
+                             mask_blob="m.png" if r.label == "tampered" else None, nbytes=100))
+    write_records(data / "manifest.parquet", out)
+    return data / "manifest.parquet"
+
+
+def _export(tmp_path: Path, rows: list[Record], **section) -> tuple[dict, Path]:
+    manifest = _write_manifest(tmp_path, rows)
+    params = make_params(tmp_path, [], export=section)
+    out = tmp_path / "data" / "exports"
+    m = export.run(params, {"manifest": manifest}, out, local_executor())
+    return m, out
+
+
+def _keys(folder: Path) -> list[str]:
+    return [r.key for r in read_records(folder / "manifest.parquet")]
+
+
+def test_streaming_plan_takes_exactly_the_lowest_ranks(tmp_path):
+    """The two-pass plan (histogram, then the boundary bins) picks, in each cell, exactly
+    the round(f x n) samples of lowest rank, nested across fractions."""
+    rows = _cells({("natural", "none"): 30000, ("natural", "copy_move"): 9000,
+                   ("face", "none"): 6000, ("face", "face_swap"): 700})
+    from pipeline.records import write_manifest as wm
+    for r in rows:
+        r.blob = "x"
+    wm(tmp_path / "m.parquet", rows)
+    p = export.ExportParams(exports={"b": export.ExportSpec(fractions=(0.1, 0.5, 1.0))})
+    plans = export.plan(tmp_path / "m.parquet", p, seed=5)
+    sp = plans["b"].splits["train"]
+    by_cell = {}
+    for r in rows:
+        by_cell.setdefault(export.cell(r), []).append((split.group_hash(5, r.key), r.key))
+    for c, n in sp.counts.items():
+        ranked = sorted(by_cell[c])
+        for i, f in enumerate((0.1, 0.5, 1.0)):
+            want = {k for _, k in ranked[: export.fraction_count(n, f)]}
+            got = {k for h, k in ranked if (lv := sp.level_of(c, h, k)) is not None and lv <= i}
+            assert got == want, (c, f)
+    # face (6,700) sets the size of natural under exact domain shares
+    assert sum(n for c, n in sp.counts.items() if c[0] == "natural") == 6700
+
+
+def test_export_is_balanced_by_domain_with_a_card_of_targets(tmp_path):
+    rows = _cells({("natural", "none"): 300, ("natural", "copy_move"): 300,
+                   ("aigc", "full_synthesis"): 400, ("face", "none"): 60,
+                   ("face", "face_swap"): 20, ("document", "none"): 70,
+                   ("document", "text_replace"): 70})
+    rows = [r.replace(label="synthetic") if r.operation == "full_synthesis" else r for r in rows]
+    m, out = _export(tmp_path, rows, exports={"balanced": None, "bal": {"imdl": False}})
+    got = Counter(export.cell(r) for r in read_records(out / "bal" / "manifest.parquet"))
+    dom = Counter()
+    for c, n in got.items():
+        dom[c[0]] += n
+    assert set(dom.values()) == {80}, dom  # face (80) sets every domain's size
+    assert got[("face", "face_swap")] == 20 and got[("face", "none")] == 60
+    card = (out / "bal" / "README.md").read_text()
+    assert "| domain | target share | achieved share | samples |" in card
+    assert "| face | 0.250 | 0.250 | 80 |" in card
+    assert "Short cells (fewer samples than their target): face/face_swap." in card
+    assert m["exports"]["bal"]["short_cells"] == {"train": ["face/face_swap"]}
+    assert m["exports"]["bal"]["domain_share"]["train"] == {d: 0.25 for d in dom}
+
+
+def test_stand_ins_are_left_out_unless_allowed(tmp_path):
+    rows = _cells({("natural", "none"): 6, ("natural", "inpaint"): 6, ("natural", "copy_move"): 6})
+    for r in rows:
+        if r.operation == "inpaint":
+            r.model_id = "tiny-random:abc123"
+        elif r.operation == "copy_move":
+            r.model_id = "opencv-4"
+    m, out = _export(tmp_path / "a", rows, exports={"balanced": None,
+                                                    "all": {"balance": False, "imdl": False}})
+    kept = read_records(out / "all" / "manifest.parquet")
+    assert len(kept) == 12 and not any(r.operation == "inpaint" for r in kept)
+    assert m["stand_ins_left_out"] == {"tiny-random:abc123": 6}
+    card = (out / "all" / "README.md").read_text()
+    assert "stand-in samples left out: 6 (`tiny-random:abc123` 6)" in card
+    assert "| opencv-4 | 6 |" in card and "| none | 6 |" in card
+    m, out = _export(tmp_path / "b", rows, allow_stand_ins=True,
+                     exports={"balanced": None, "all": {"balance": False, "imdl": False}})
+    assert len(read_records(out / "all" / "manifest.parquet")) == 18
+    assert "| tiny-random:abc123 | 6 |" in (out / "all" / "README.md").read_text()
+
+
+def test_fractions_share_storage_and_are_prefixes_of_one_shard_sequence(tmp_path):
+    """Issue 14.8: the 10/25/50% folders hold hard links to the first shards of the 100%
+    folder; IMDL trees link the stored files; disk use stays near the 100% export's."""
+    rows = _cells({("natural", "none"): 120, ("natural", "copy_move"): 120,
+                   ("face", "none"): 100, ("face", "face_swap"): 100})
+    rows += _cells({("natural", "none"): 20, ("face", "none"): 20}, "val")
+    m, out = _export(tmp_path, rows, exports={"balanced": {"fractions": [0.1, 0.25, 0.5, 1.0],
+                                                           "max_count": 16}})
+    full = out / "balanced-100pct"
+    seq = sorted(p.name for p in (full / "train").glob("*.tar"))
+    keys_full = set(_keys(full))
+    prev: set[str] = set()
+    for f in ("10", "25", "50", "100"):
+        folder = out / f"balanced-{f}pct"
+        tars = sorted(p.name for p in (folder / "train").glob("*.tar"))
+        assert tars == seq[: len(tars)]  # a prefix of the same sequence
+        for t in tars:
+            assert os.path.samefile(folder / "train" / t, full / "train" / t)
+        keys = set(_keys(folder))
+        in_tars = {s["__key__"] for t in tars
+                   for s in wds.WebDataset(str(folder / "train" / t), shardshuffle=False)}
+        assert in_tars == {k for k in keys if k.startswith("train")}
+        assert prev < keys <= keys_full
+        prev = keys
+        # val is the same in every fraction
+        assert {k for k in keys if k.startswith("val")} == {k for k in keys_full if k.startswith("val")}
+        for image, mask in json.loads((folder / "imdl" / "train.json").read_text()):
+            blob = tmp_path / "data" / "blobs" / Path(image).name
+            assert os.path.samefile(folder / "imdl" / image, blob)
+    n10 = len([k for k in _keys(out / "balanced-10pct") if k.startswith("train")])
+    n100 = len([k for k in keys_full if k.startswith("train")])
+    assert n10 == pytest.approx(n100 * 0.1, abs=4)
+    usage = export.disk_usage(out)
+    # the 100% export alone: its shards, indexes, manifest and card (IMDL entries are links)
+    alone = sum(p.stat().st_size for p in full.rglob("*")
+                if p.is_file() and "imdl" not in p.relative_to(full).parts)
+    assert usage["new"] <= 1.2 * alone, (usage, alone)
+    assert usage["listed"] > 1.8 * alone  # what full copies would have cost
+    assert m["disk"] == usage
+
+
+def test_export_rerun_is_byte_identical(tmp_path):
+    rows = _cells({("natural", "none"): 40, ("natural", "copy_move"): 30})
+    _, out = _export(tmp_path, rows, exports={"balanced": {"fractions": [0.5, 1.0],
+                                                           "max_count": 8}})
+    first = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.tar"))}
+    shutil.rmtree(out)
+    params = make_params(tmp_path, [], export={"exports": {"balanced": {"fractions": [0.5, 1.0],
+                                                                       "max_count": 8}}})
+    export.run(params, {"manifest": tmp_path / "data" / "manifest.parquet"}, out,
+               local_executor())
+    again = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.tar"))}
+    assert first == again and first
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
@@ -230,13 +298,20 @@ def test_export_writes_nested_readable_shard_sets_with_card_and_imdl(pipeline_ru
 
 
 def test_splice_donors_share_the_split_of_their_forgery(pipeline_run):
+    """A shipped splice's donor is in its split; one whose donor ended elsewhere (donors are
+    not yet drawn per split by synthesize) is a `donor_leak` row and is never shipped."""
     rows = {r.key: r for r in read_records(pipeline_run.data / "manifest.parquet")}
-    splices = [r for r in rows.values() if r.generator == "splice" and r.status == "ok"]
+    splices = [r for r in rows.values() if r.generator == "splice" and r.donor_key]
     assert splices
+    shipped = {json.loads(s["json"])["key"] for t in (pipeline_run.data / "shards").glob("*/*.tar")
+               for s in wds.WebDataset(str(t), shardshuffle=False)}
     for r in splices:
-        donor = r.donor_key
-        assert donor in rows and donor != r.parent_key
-        assert rows[donor].split == r.split == rows[r.parent_key].split
+        donor = rows[r.donor_key]
+        assert r.donor_key != r.parent_key
+        if r.status == "ok":
+            assert donor.split == r.split == rows[r.parent_key].split and r.key in shipped
+        elif r.status == "donor_leak":
+            assert donor.split != rows[r.parent_key].split and r.key not in shipped
 
 
 def test_export_rerun_removes_stale_exports(pipeline_run, tmp_path):

@@ -39,7 +39,7 @@ from pipeline.train import TrainParams, latest_checkpoint, load_checkpoint, mode
 from pipeline.train_data import CropConfig, CropStream, LeakError, crop_sample, list_shards
 
 TRAIN = {"export": "all", "steps": 6, "batch_size": 2, "checkpoint_every": 3, "val_every": 3,
-         "log_every": 1, "loader_workers": 0, "val_max_images": 2, "tile_batch": 4}
+         "log_every": 1, "loader_workers": 0, "val_max_images": 8, "tile_batch": 4}
 
 
 def _corpus(root: Path) -> Path:
