@@ -23,6 +23,7 @@ import hashlib
 import logging
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,8 +147,13 @@ def _weights(p: SynthesizeParams, infos: dict[str, _GenInfo]) -> dict[str, float
     return {n: v for n, v in w.items() if v > 0}
 
 
-def plan(sources: list[Record], p: SynthesizeParams, seed: int) -> dict[str, list[dict[str, Any]]]:
-    """Which generator forges which source (and with which donor): a pure function."""
+def plan(sources: list[Record], p: SynthesizeParams, seed: int,
+         split_of: Callable[[Record], str | None] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Which generator forges which source (and with which donor): a pure function.
+
+    `split_of` gives the split a source's group will be in (`split.plan_groups`): donors are
+    drawn from the source's own split, so a splice never carries pixels across splits."""
+    split_of = split_of or (lambda r: "any")
     infos = {name: _gen_info(name) for name in p.generators}
     weights = _weights(p, infos)
     if p.per_source == 0 or not weights:
@@ -173,11 +179,13 @@ def plan(sources: list[Record], p: SynthesizeParams, seed: int) -> dict[str, lis
         w = np.array([weights[n] for n in names])
         picked = rng.choice(len(names), size=k, replace=False, p=w / w.sum())
         chosen[src.key] += [names[i] for i in sorted(picked)]
-    # 3. jobs, with donors for the generators that paste another image in
-    partners = _partners(sources, seed)
-    by_domain: dict[str, list[Record]] = defaultdict(list)
+    # 3. jobs, with donors for the generators that paste another image in: from the same
+    #    split as the source (a group in no split, near a blocklist item, gets no donor)
+    splits = {s.key: split_of(s) for s in sources}
+    partners = _partners(sources, seed, splits)
+    by_domain: dict[tuple[str, str | None], list[Record]] = defaultdict(list)
     for r in sources:
-        by_domain[r.domain].append(r)
+        by_domain[r.domain, splits[r.key]].append(r)
     order = {n: i for i, n in enumerate(p.generators)}
     jobs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for src in sources:
@@ -186,8 +194,10 @@ def plan(sources: list[Record], p: SynthesizeParams, seed: int) -> dict[str, lis
             donor = None
             if info.needs_donor and info.donor_domain in (None, src.domain):
                 donor = partners.get(src.key)
-            elif info.needs_donor and by_domain.get(info.donor_domain):
-                pool = by_domain[info.donor_domain]
+            elif info.needs_donor and splits[src.key] is not None and by_domain.get(
+                (info.donor_domain, splits[src.key])
+            ):
+                pool = by_domain[info.donor_domain, splits[src.key]]
                 donor = pool[derive_seed(seed, src.key, name, "donor") % len(pool)]
             key = content_key(src.key, name)
             jobs[name].append(
@@ -201,14 +211,15 @@ def plan(sources: list[Record], p: SynthesizeParams, seed: int) -> dict[str, lis
     return jobs
 
 
-def _partners(sources: list[Record], seed: int) -> dict[str, Record]:
-    """The donor of each source: sources of a domain in a seeded order, paired two by two
-    (the odd one out joins the last pair). A splice or face swap links its source's and its
-    donor's groups (split keeps them together); pairs keep those linked units at two or
-    three groups, however large the corpus and whatever the generator mix."""
-    by_domain: dict[str, list[Record]] = defaultdict(list)
+def _partners(sources: list[Record], seed: int, splits: dict[str, str | None]
+              ) -> dict[str, Record]:
+    """The donor of each source: sources of a domain and split in a seeded order, paired two
+    by two (the odd one out joins the last pair), so a donor is always in its source's split
+    and each image lends its pixels to at most two others."""
+    by_domain: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for r in sources:
-        by_domain[r.domain].append(r)
+        if splits[r.key] is not None:
+            by_domain[r.domain, splits[r.key]].append(r)
     partners = {}
     for pool in by_domain.values():
         ring = sorted(pool, key=lambda r: derive_seed(seed, r.key, "pair"))
@@ -416,7 +427,10 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     available = len(sources)
     if p.max_sources is not None:
         sources = sources[: p.max_sources]
-    jobs = plan(sources, p, params.seed)
+    from pipeline.split import plan_groups
+
+    groups = plan_groups(inputs["manifest"], params.split, params.seed)
+    jobs = plan(sources, p, params.seed, groups.of_record)
     if available and not sources:
         log.warning("synthesize: 0 forgeries planned: synthesize.max_sources is 0")
     elif sources:
@@ -486,6 +500,6 @@ STAGE = Stage(
     run=run,
     reads=("dedup", "ingest"),  # ingest: the real images' bytes
     writes={"synthesize": "synthesize"},
-    uses=("seed",),
-    code=("generators",),
+    uses=("seed", "split"),  # donors come from their source's split
+    code=("generators", "pipeline/split.py"),
 )

@@ -575,6 +575,27 @@ def test_donors_pair_sources_so_linked_groups_stay_small():
         assert donors[job["source"]["key"]] == job["donor"]["key"]
 
 
+def test_donors_come_from_their_sources_split():
+    """Issue 14 point 6: the split of each group is decided before synthesis
+    (`split.plan_groups`), and a splice or face swap takes its donor from its source's split,
+    so donor pixels never cross splits; a group in no split (near a blocklist item) gets none."""
+    sources = _sources(natural=40)
+    which = {s.key: ("train", "val", "test", None)[i % 4] for i, s in enumerate(sources)}
+    p = synthesize.SynthesizeParams(
+        generators={"splice": synthesize.GeneratorSpec(weight=5.0),
+                    "copy_move": synthesize.GeneratorSpec()},
+        per_source=2,
+    )
+    jobs = synthesize.plan(sources, p, seed=4, split_of=lambda r: which[r.key])["splice"]
+    assert len(jobs) > 20
+    for job in jobs:
+        src = job["source"]["key"]
+        if which[src] is None:
+            assert job["donor"] is None
+        else:
+            assert job["donor"] is not None and which[job["donor"]["key"]] == which[src]
+
+
 @pytest.mark.slow
 def test_ray_and_local_backends_give_the_same_bytes(tmp_path, corpus):
     """Issue 17 point 10: the diffusers generators that moved by one level between thread
