@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         "defaults", help="print the default params as YAML", description="Print the default params."
     )
     d.add_argument("--out", help="write to this file instead of stdout")
+    d.add_argument("--repro", action="store_true",
+                   help="the checked-in params.yaml: the defaults plus what `make repro` sets")
     y = sub.add_parser(
         "dvc-yaml",
         help="print dvc.yaml as derived from the stage declarations",
@@ -193,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "defaults":
-            _write(params_mod.dump_defaults(), args.out)
+            text = params_mod.dump_repro() if args.repro else params_mod.dump_defaults()
+            _write(text, args.out)
             return 0
         if args.command == "params":
             _write(params_mod.dump(params_mod.load(args.params)), None)

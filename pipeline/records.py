@@ -134,7 +134,11 @@ def to_table(records: Iterable[Record], shipped: bool = False) -> pa.Table:
 class ManifestWriter:
     """Streams records to a parquet file; the file appears under its name only on close."""
 
-    def __init__(self, path: str | os.PathLike, batch_size: int = 2048):
+    # rows per parquet row group: the footer grows with the number of groups (about 4 kB
+    # each), so small groups make a 10^8-row manifest's footer hundreds of MB
+    ROW_GROUP = 16384
+
+    def __init__(self, path: str | os.PathLike, batch_size: int = ROW_GROUP):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # unique per writer: two processes never share a temp file
@@ -182,12 +186,17 @@ def write_manifest(path: str | os.PathLike, records: Iterable[Record]) -> int:
 
 
 def iter_records(path: str | os.PathLike, batch_size: int = 2048) -> Iterator[Record]:
-    """Streams records from a manifest without loading it whole."""
+    """Streams records from a manifest without loading it whole: one row group at a time
+    (`ParquetFile.iter_batches` keeps memory in proportion to the rows read, about 27 bytes
+    a row in pyarrow 26, so it does not stream at 10^8 rows)."""
     pf = pq.ParquetFile(path)
     names = set(FIELDS)
-    for batch in pf.iter_batches(batch_size=batch_size):
-        for row in batch.to_pylist():
-            yield Record(**{k: v for k, v in row.items() if k in names})
+    for i in range(pf.num_row_groups):
+        table = pf.read_row_group(i, use_threads=False)
+        for batch in table.to_batches(max_chunksize=batch_size):
+            for row in batch.to_pylist():
+                yield Record(**{k: v for k, v in row.items() if k in names})
+        del table
 
 
 def read_records(path: str | os.PathLike) -> list[Record]:
