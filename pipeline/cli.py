@@ -189,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in TOOLS:
         return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
+    # a run prints the stages' summary lines and warnings; -v adds what each stage found
     logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:

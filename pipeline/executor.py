@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,7 +231,9 @@ class Executor:
         bar = tqdm(
             total=len(items),
             desc=desc,
-            disable=not self.params.progress or not items,
+            # bars on a terminal only: a log file gets the stages' summary lines, not
+            # carriage-return frames of a bar
+            disable=not self.params.progress or not items or not sys.stderr.isatty(),
             unit="task",
             leave=False,
         )

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import signal
 import threading
 import time
@@ -407,7 +408,8 @@ def train_job(ctx: JobContext, config: dict[str, Any]) -> dict[str, Any] | None:
         ctx.barrier()
 
     bar = tqdm(total=p.steps, initial=state["step"], desc="train", unit="step",
-               disable=not (rank0 and config.get("progress", True)), dynamic_ncols=True)
+               disable=not (rank0 and config.get("progress", True)) or not sys.stderr.isatty(),
+               dynamic_ncols=True)
     window = {"loss": 0.0, "loss_txt": 0.0, "loss_seg": 0.0, "n": 0, "samples": 0,
               "t": time.perf_counter()}
     t_start = time.perf_counter()
