@@ -1,4 +1,5 @@
-"""Dedup: the Hamming index against brute force, and the stage on real photos and their copies."""
+"""Dedup: image hashes, the stage on real photos and their copies, forensic originals, and the
+vectorised plan against a brute-force reference."""
 
 from __future__ import annotations
 
@@ -6,170 +7,18 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import broken_corpus, local_executor, make_params, write_manifest
 from PIL import Image, ImageEnhance
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from skimage import data as skdata
 from sklearn.datasets import load_sample_image
 
 from pipeline import dedup
 from pipeline.cli import run_stage
-from pipeline.dedup import (
-    DedupParams,
-    HammingIndex,
-    _Permutation,
-    brute_force_pairs,
-    plan_tables,
-    union_find,
-)
+from pipeline.hamming import union_find
 from pipeline.records import read_records
-
-# --------------------------------------------------------------------------- index
-
-
-def flip(hashes: np.ndarray, dist: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    rank = rng.random((len(hashes), 64)).argsort(axis=1).argsort(axis=1)
-    weights = np.uint64(1) << np.arange(64, dtype=np.uint64)
-    return hashes ^ np.bitwise_or.reduce(np.where(rank < dist[:, None], weights, np.uint64(0)),
-                                         axis=1)
-
-
-def planted(n: int, threshold: int, seed: int) -> np.ndarray:
-    """Random hashes plus copies at every distance 0..threshold+4 (the last ones just miss)."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
-    dist = np.repeat(np.arange(threshold + 5), 12)
-    src = rng.integers(0, n, len(dist))
-    # chains: copies of copies, so components are larger than pairs
-    chain = flip(base[src[:20]], np.full(20, max(threshold, 1)), rng)
-    return np.concatenate([base, flip(base[src], dist, rng), chain, flip(chain, dist[:20], rng)])
-
-
-def pair_set(a: np.ndarray, b: np.ndarray) -> set[tuple[int, int]]:
-    return {(int(x), int(y)) for x, y in zip(np.minimum(a, b), np.maximum(a, b))}
-
-
-@pytest.mark.parametrize(("threshold", "capacity"), [
-    (0, 10), (1, 10), (3, 2000), (5, 10), (8, 10), (8, 2000), (8, DedupParams().capacity),
-    (10, 2000), (13, 10),
-])
-def test_index_pairs_equal_brute_force(threshold, capacity):
-    hashes = planted(1500, threshold, seed=threshold)
-    index = HammingIndex(hashes, threshold, capacity)
-    a, b = index.pairs()
-    ba, bb = brute_force_pairs(index.unique, threshold)
-    want = pair_set(ba, bb)
-    if threshold:
-        assert len(want) >= 12 * threshold  # the planted pairs are there to be found
-    assert pair_set(a, b) == want
-    assert len(a) == len(want)  # no pair twice
-    # every distance reported is really within the threshold, none beyond is reported
-    assert (np.bitwise_count(index.unique[a] ^ index.unique[b]) <= threshold).all()
-    # the spanning forest keeps the components
-    fa, fb = index.pairs(spanning=True)
-    ncomp, lab = connected_components(
-        coo_matrix((np.ones(len(ba)), (ba, bb)), shape=(len(index),) * 2), directed=False)
-    root = union_find(len(index), fa, fb)
-    assert len(np.unique(root)) == ncomp
-    assert len(set(zip(root.tolist(), lab.tolist()))) == ncomp  # same partition
-    g = index.groups()
-    assert len(g) == len(hashes) and (g == root[index.inverse]).all()
-
-
-def test_dense_clusters_keep_components_with_a_spanning_forest():
-    """Clusters where every hash is near every other: far more pairs than hashes."""
-    rng = np.random.default_rng(5)
-    centres = rng.integers(0, 2**64, 6, dtype=np.uint64)
-    members = np.concatenate([flip(np.full(150, c), rng.integers(0, 4, 150), rng)
-                              for c in centres])
-    index = HammingIndex(members, 8, 10**6)
-    a, b = index.pairs()
-    assert len(a) > 10 * len(index)  # dense: the forest path is taken
-    assert pair_set(a, b) == pair_set(*brute_force_pairs(index.unique, 8))
-    fa, _ = index.pairs(spanning=True)
-    assert len(fa) < 2 * len(index)  # at most a forest per task, not every pair
-    g = index.groups()
-    assert len(np.unique(g)) == 6
-    for k in range(6):  # one label per cluster
-        assert len(np.unique(g[k * 150 : (k + 1) * 150])) == 1
-
-
-@pytest.mark.parametrize("threshold", [0, 4, 8, 12])
-def test_query_equals_brute_force(threshold):
-    rng = np.random.default_rng(100 + threshold)
-    hashes = planted(2000, threshold, seed=threshold)
-    index = HammingIndex(hashes, threshold, 5000)
-    near = flip(hashes[rng.integers(0, len(hashes), 300)],
-                rng.integers(0, threshold + 5, 300), rng)
-    queries = np.concatenate([near, rng.integers(0, 2**64, 100, dtype=np.uint64)])
-    qi, ui, dist = index.query(queries)
-    d = np.bitwise_count(queries[:, None] ^ index.unique[None, :])
-    want = set(zip(*(x.tolist() for x in np.nonzero(d <= threshold))))
-    assert len(want) >= 40  # planted copies within reach (1 in 5 at threshold 0)
-    assert set(zip(qi.tolist(), ui.tolist())) == want
-    assert len(qi) == len(want)
-    assert (dist == d[qi, ui]).all()
-    e = index.query(np.empty(0, np.uint64))
-    assert all(len(x) == 0 for x in e)
-
-
-def test_permutation_puts_table_bits_on_top_and_inverts():
-    rng = np.random.default_rng(7)
-    x = rng.integers(0, 2**64, 4000, dtype=np.uint64)
-    y = x.copy()
-    y[::2] ^= np.uint64(1) << rng.integers(0, 64, 2000).astype(np.uint64)  # one bit off
-    for table in plan_tables(8, 10**7)[::37] + plan_tables(3, 100):
-        perm = _Permutation.of(table)
-        px, py = perm.forward(x), perm.forward(y)
-        assert (perm.inverse(px) == x).all()
-        assert (np.bitwise_count(px ^ py) == np.bitwise_count(x ^ y)).all()
-        mask = np.uint64(sum(((1 << w) - 1) << s for s, w in table.runs))
-        same_key = (x & mask) == (y & mask)
-        assert ((px ^ py) <= perm.low).tolist() == same_key.tolist()
-        assert perm.bits == table.bits
-
-
-def test_plan_covers_every_error_pattern_of_weight_threshold():
-    """Pigeonhole check: any `threshold` flipped bits leave some table's bits untouched."""
-    rng = np.random.default_rng(3)
-    for threshold in (2, 5, 8, 11):
-        tables = plan_tables(threshold, 10**6)
-        masks = np.array([sum(((1 << w) - 1) << s for s, w in t.runs) for t in tables], np.uint64)
-        errs = flip(np.zeros(3000, np.uint64), np.full(3000, threshold), rng)
-        untouched = ((errs[:, None] & masks[None, :]) == 0).any(axis=1)
-        assert untouched.all(), threshold
-
-
-def test_bad_inputs_raise():
-    with pytest.raises(ValueError, match="uint64"):
-        HammingIndex(np.arange(5), 4)
-    with pytest.raises(ValueError, match="threshold"):
-        DedupParams(threshold=40)
-    with pytest.raises(ValueError, match="uint64"):
-        HammingIndex(np.arange(5, dtype=np.uint64), 4).query(np.arange(3))
-
-
-def test_empty_and_single_inputs():
-    for hashes in (np.empty(0, np.uint64), np.array([7], np.uint64), np.array([7, 7], np.uint64)):
-        index = HammingIndex(hashes, 8, 100)
-        a, _ = index.pairs()
-        assert a.size == 0
-        assert len(index.groups()) == len(hashes) and len(set(index.groups().tolist())) <= 1
-        assert index.query(np.array([6], np.uint64))[0].size == min(len(hashes), 1)
-    with pytest.raises(ValueError, match="sorted"):
-        dedup.table_pairs(np.array([5, 3], np.uint64), plan_tables(2, 10)[0], 2)
-
-
-def test_parse_phash_marks_bad_values_invalid():
-    import pyarrow as pa
-
-    h, ok = dedup.parse_phash(pa.array(["ffffffffffffffff", None, "xyz", "0000000000000001", ""]))
-    assert ok.tolist() == [True, False, False, True, False]
-    assert h[0] == np.uint64(2**64 - 1) and h[3] == 1
-
 
 # --------------------------------------------------------------------------- real photos
 
@@ -209,12 +58,18 @@ COPIES = {
     "jpeg70": (lambda im: im, "JPEG", {"quality": 70}),
     "bright": (lambda im: ImageEnhance.Brightness(im).enhance(1.2), "PNG", {}),
     "crop2": (lambda im: _crop(im, 0.02), "PNG", {}),
+    "crop10": (lambda im: _crop(im, 0.10), "PNG", {}),  # 5% off each side
+    "crop20": (lambda im: _crop(im, 0.20), "PNG", {}),  # 10% off each side
+    "flipped": (lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "PNG", {}),
+    "rotated": (lambda im: im.transpose(Image.Transpose.ROTATE_90), "JPEG", {"quality": 90}),
 }
 
 
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory):
-    """Originals (PNG), four kinds of copies of each, and two byte-identical files, ingested."""
+    """Originals (PNG), copies of each (resized, recompressed, brightened, cropped, flipped,
+    rotated) and two byte-identical files, ingested (without `phash_variants`: dedup hashes
+    the stored images)."""
     tmp = tmp_path_factory.mktemp("dedup")
     folder = tmp / "photos"
     folder.mkdir()
@@ -235,7 +90,7 @@ def ingested(tmp_path_factory):
 
 
 def _dedup(tmp: Path, manifest: Path, tag: str, **opts):
-    params = make_params(tmp / tag, [manifest], dedup=opts)
+    params = make_params(tmp, [manifest], dedup=opts)  # the data_dir ingest wrote blobs to
     out = tmp / tag / "dedup"
     inputs = {"manifest": tmp / "data" / "ingest" / "manifest.parquet"}
     metrics = dedup.run(params, inputs, out, local_executor())
@@ -251,7 +106,8 @@ def test_copies_join_their_original_and_distinct_photos_stay_apart(ingested):
     tmp, manifest = ingested
     metrics, recs = _dedup(tmp, manifest, "default")
     assert len(recs) == len(photos()) * (1 + len(COPIES)) + 2
-    assert sum(r.format == "jpeg" or r.format == "jpg" for r in recs) == len(photos())
+    jpeg_copies = sum(fmt == "JPEG" for _, fmt, _ in COPIES.values())
+    assert sum(r.format in ("jpeg", "jpg") for r in recs) == jpeg_copies * len(photos())
     assert all(r.phash and r.group_id for r in recs)
     by_photo: dict[str, list] = {}
     for r in recs:
@@ -275,13 +131,14 @@ def test_copies_join_their_original_and_distinct_photos_stay_apart(ingested):
             if r.sha256 == rep.sha256:
                 assert r.error.startswith("exact duplicate of")
             else:
-                assert r.error.startswith("near duplicate of") and "phash distance" in r.error
+                assert r.error.startswith("near duplicate of") and "hash distance" in r.error
     fig = metrics["dedup"]
     assert fig["groups"] == len(photos())
     # the three byte-identical coffee files are exact copies of each other; whether they are
     # "exact" or "near" duplicates depends on which coffee file is the representative
     assert fig["exact_duplicates"] + fig["near_duplicates"] == len(recs) - len(photos())
-    assert fig["near_duplicates"] >= 4 * len(photos()) - 2
+    assert fig["near_duplicates"] >= len(COPIES) * len(photos()) - 2
+    assert fig["hashed_here"] == len(recs)
     assert metrics["by_status"] == {"ok": len(photos()),
                                     "duplicate": len(recs) - len(photos())}
     groups_file = pq.read_table(tmp / "default" / "dedup" / "groups.parquet").to_pylist()
@@ -388,3 +245,177 @@ def test_broken_rows_pass_through_untouched(tmp_path):
         assert status[name].status == reason and status[name].group_id is None
     assert status["good.png"].status == "ok" and status["good.png"].group_id
     assert metrics["dedup"]["groups"] == 1
+
+
+# --------------------------------------------------------------------------- image hashes
+
+
+def _full_size_photos() -> dict[str, Image.Image]:
+    """Package photos and scans at full size (RGB), the distinct images of the recall tests."""
+    import matplotlib.cbook as cbook
+
+    def rgb(a) -> Image.Image:
+        a = np.asarray(a)
+        a = np.stack([a] * 3, axis=-1) if a.ndim == 2 else a[..., :3]
+        return Image.fromarray(a.astype(np.uint8))
+
+    return {
+        "chelsea": rgb(skdata.chelsea()), "coffee": rgb(skdata.coffee()),
+        "astronaut": rgb(skdata.astronaut()), "rocket": rgb(skdata.rocket()),
+        "camera": rgb(skdata.camera()), "page": rgb(skdata.page()), "text": rgb(skdata.text()),
+        "motorcycle": rgb(skdata.stereo_motorcycle()[0]), "ihc": rgb(skdata.immunohistochemistry()),
+        "hubble": rgb(skdata.hubble_deep_field()), "retina": rgb(skdata.retina()),
+        "coins": rgb(skdata.coins()), "moon": rgb(skdata.moon()), "clock": rgb(skdata.clock()),
+        "cell": rgb(skdata.cell()), "gravel": rgb(skdata.gravel()), "grass": rgb(skdata.grass()),
+        "china": rgb(load_sample_image("china.jpg")), "flower": rgb(load_sample_image("flower.jpg")),
+        "grace_hopper": Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB"),
+    }
+
+
+def _lookalike_documents() -> dict[str, Image.Image]:
+    """The false-merge risk: receipts typeset from one template with different words and
+    amounts (6 to 12 pHash bits apart), and the four halves of the scanned page."""
+    from PIL import ImageDraw, ImageFont
+
+    out = {}
+    page = _full_size_photos()["page"]
+    w, h = page.size
+    for name, box in (("top", (0, 0, w, h // 2)), ("bottom", (0, h // 2, w, h)),
+                      ("left", (0, 0, w // 2, h)), ("right", (w // 2, 0, w, h))):
+        out[f"page_{name}"] = page.crop(box)
+    rng = np.random.default_rng(0)
+    words = ("invoice total amount due date customer number item price tax paid cash change "
+             "receipt store thank you").split()
+    font = ImageFont.load_default(size=18)
+    for k in range(8):
+        im = Image.new("RGB", (600, 800), (245, 243, 238))
+        d = ImageDraw.Draw(im)
+        d.text((40, 30), f"ACME STORE  No. {int(rng.integers(0, 99999)):05d}", fill=(20, 20, 20),
+               font=font)
+        for i in range(25):
+            d.text((40, 80 + 26 * i), " ".join(rng.choice(words, rng.integers(3, 7))),
+                   fill=(30, 30, 30), font=font)
+            d.text((480, 80 + 26 * i), f"{rng.uniform(1, 500):7.2f}", fill=(30, 30, 30), font=font)
+        noisy = np.asarray(im, float) + rng.normal(0, 4, (800, 600, 3))
+        out[f"receipt{k}"] = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    return out
+
+
+def _jpeg(im: Image.Image, q: int) -> Image.Image:
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=q)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _side_crop(im: Image.Image, side: float) -> Image.Image:
+    dx, dy = round(im.width * side), round(im.height * side)
+    return im.crop((dx, dy, im.width - dx, im.height - dy))
+
+
+T = Image.Transpose
+# the copies issue 10 asks for, >= 90% of them grouped: crops up to 10% a side, flips,
+# rotations by multiples of 90 degrees (and some with recompression on top)
+TURNED_AND_CROPPED = {
+    "crop 3% a side": lambda im: _side_crop(im, 0.03),
+    "crop 5% a side": lambda im: _side_crop(im, 0.05),
+    "crop 7% a side": lambda im: _side_crop(im, 0.07),
+    "crop 10% a side": lambda im: _side_crop(im, 0.10),
+    "flip left-right": lambda im: im.transpose(T.FLIP_LEFT_RIGHT),
+    "flip top-bottom": lambda im: im.transpose(T.FLIP_TOP_BOTTOM),
+    "rotate 90": lambda im: im.transpose(T.ROTATE_90),
+    "rotate 180": lambda im: im.transpose(T.ROTATE_180),
+    "rotate 270": lambda im: im.transpose(T.ROTATE_270),
+    "transpose": lambda im: im.transpose(T.TRANSPOSE),
+    "rotate 90 + JPEG 70 + half size": lambda im: _jpeg(
+        im.transpose(T.ROTATE_90).resize((im.height // 2, im.width // 2)), 70),
+    "flip + crop 5% a side": lambda im: _side_crop(im, 0.05).transpose(T.FLIP_LEFT_RIGHT),
+}
+
+
+def _hash_manifest(path: Path, images: dict[str, Image.Image]) -> list[str]:
+    """A manifest of real rows hashed by `image_hashes` (as ingest would), no blobs."""
+    import hashlib
+
+    from pipeline.records import Record, content_key, write_manifest as write_records
+
+    recs, names = [], []
+    for name, im in images.items():
+        rgb = np.asarray(im.convert("RGB"))
+        h = dedup.image_hashes(rgb)
+        sha = hashlib.sha256(rgb.tobytes() + name.encode()).hexdigest()
+        recs.append(Record(key=content_key("t", name), source="t", label="real", sha256=sha,
+                           width=im.width, height=im.height, nbytes=rgb.size, kind="image_folder",
+                           **h))
+        names.append(name)
+    write_records(path, recs)
+    return names
+
+
+def test_image_hashes_keep_imagehash_phash_and_turns_share_the_canonical_hash():
+    import imagehash
+
+    for name, im in list(_full_size_photos().items())[:8]:
+        h = dedup.image_hashes(np.asarray(im))
+        assert h["phash"] == str(imagehash.phash(im))  # the public field is unchanged
+        v = dedup.parse_variants(pa.array([h["phash_variants"]]))
+        assert v.ok[0] and (~v.is_turn).sum() >= len(dedup.WINDOWS)
+        for turn in (T.FLIP_LEFT_RIGHT, T.FLIP_TOP_BOTTOM, T.ROTATE_90, T.ROTATE_180,
+                     T.ROTATE_270, T.TRANSPOSE, T.TRANSVERSE):
+            t = dedup.parse_variants(pa.array(
+                [dedup.image_hashes(np.asarray(im.transpose(turn)))["phash_variants"]]))
+            # the same image orientation (or one of the alternatives) up to resampling noise
+            mine = np.concatenate([v.key, v.probe[v.is_turn]])
+            theirs = np.concatenate([t.key, t.probe[t.is_turn]])
+            d = np.bitwise_count(mine[:, None] ^ theirs[None, :]).min()
+            assert d <= 2, (name, turn, d)
+            assert int(np.bitwise_count(v.fine[0] ^ t.fine[0]).sum()) <= 24 or t.key[0] != v.key[0]
+        # a plain pHash of a flipped image is far away: that is what the turns are for
+        flipped = imagehash.phash(im.transpose(T.FLIP_LEFT_RIGHT))
+        assert flipped - imagehash.phash(im) > 16
+
+
+def test_turned_and_cropped_copies_are_grouped_and_distinct_images_are_not(tmp_path):
+    """>= 90% of each kind of copy joins its original, at full size and at 256 px; no two
+    distinct images (photos, scans, look-alike documents) share a group."""
+    originals = _full_size_photos()
+    docs = _lookalike_documents()
+    images: dict[str, Image.Image] = {}
+    for size in ("full", "256"):
+        for name, im in originals.items():
+            if size == "256":
+                im = im.copy()
+                im.thumbnail((256, 256), Image.LANCZOS)
+            images[f"{name}@{size}|original"] = im
+            for t, f in TURNED_AND_CROPPED.items():
+                images[f"{name}@{size}|{t}"] = f(im)
+    images.update({f"{k}@doc|original": v for k, v in docs.items()})
+    names = _hash_manifest(tmp_path / "m.parquet", images)
+    pl = dedup.plan(tmp_path / "m.parquet", dedup.DedupParams())
+    group = dict(zip(names, pl.group.tolist()))
+    assert all(g >= 0 for g in group.values())
+    orig = {n.split("|")[0]: group[n] for n in names if n.endswith("|original")}
+    # distinct images: every original (both sizes of one photo may share a group) apart
+    by_group: dict[int, set[str]] = {}
+    for n, g in orig.items():
+        by_group.setdefault(g, set()).add(n.split("@")[0])
+    merged = [v for v in by_group.values() if len(v) > 1]
+    assert not merged, merged
+    recall = {}
+    for t in TURNED_AND_CROPPED:
+        hits = [group[f"{k}|{t}"] == orig[k] for k in orig if not k.endswith("@doc")]
+        recall[t] = sum(hits) / len(hits)
+    assert min(recall.values()) >= 0.9, recall
+    assert pl.figures["near_duplicates"] >= 0.9 * len(TURNED_AND_CROPPED) * 2 * len(originals)
+
+
+def test_lookalike_documents_merge_without_the_256_bit_check(tmp_path):
+    """The receipts are within the pHash threshold of each other; only the 256-bit hash
+    keeps them apart (so the previous test's 'no false merges' is not free)."""
+    docs = _lookalike_documents()
+    names = _hash_manifest(tmp_path / "m.parquet", docs)
+    checked = dedup.plan(tmp_path / "m.parquet", dedup.DedupParams())
+    unchecked = dedup.plan(tmp_path / "m.parquet", dedup.DedupParams(verify_bits=256))
+    assert len(set(checked.group.tolist())) == len(names)
+    assert len(set(unchecked.group.tolist())) < len(names)
