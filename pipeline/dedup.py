@@ -583,7 +583,7 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
     t1 = time.perf_counter()
     fa, fb, ffig = forensic_links(
         manifest, p, executor, data_dir, member=member, real=real & ok_row, forensic=forensic,
-        tampered=~real & indexed, key=key, has_key=indexed)
+        tampered=~real & indexed, key=key, has_key=indexed, fine=var.fine, fine_ok=use_var)
     gid_root = root
     if fa.size:  # root[i] is a row (the smallest of its component): join rows only
         gid_root = union_find(n, np.concatenate([np.arange(n), fa]), np.concatenate([root, fb]))
@@ -817,10 +817,12 @@ class _RegionMatch:
 def forensic_links(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None,
                    data_dir: str | os.PathLike | None, *, member: np.ndarray, real: np.ndarray,
                    forensic: np.ndarray, tampered: np.ndarray, key: np.ndarray,
-                   has_key: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                   has_key: np.ndarray, fine: np.ndarray, fine_ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Edges (tampered row, real row) from forensic tampered images to their originals.
 
-    By hash: the canonical pHash within `forensic_threshold` of a real image's (any source).
+    By hash: the canonical pHash within `forensic_threshold` of a real image's (any source),
+    and the 256-bit hashes within `verify_bits` (a filled-in form is not linked to every
+    other form of its template).
     By region (`forensic_regions`, needs the stored images): ORB keypoints of the tampered
     region and of the rest, matched (FLANN LSH, ratio test, RANSAC) against the originals of
     the forensic sources; a splice finds its donor and its host.
@@ -840,9 +842,14 @@ def forensic_links(manifest: str | os.PathLike, p: DedupParams, executor: Execut
             index = HammingIndex(key[r_rows], p.forensic_threshold)
             qi, ui, _ = index.query(key[q_rows], executor, p.tables_per_task)
             hit = r_rows[_first_of(index.inverse, len(index))][ui]
-        a_parts.append(q_rows[qi])
+        qrow = q_rows[qi]
+        if p.verify_bits < 256:
+            d = np.bitwise_count(fine[qrow] ^ fine[hit]).sum(axis=1)
+            ok = (d <= p.verify_bits) | ~fine_ok[qrow] | ~fine_ok[hit]
+            qrow, hit = qrow[ok], hit[ok]
+        a_parts.append(qrow)
         b_parts.append(hit)
-        by_hash = int(qi.size)
+        by_hash = int(qrow.size)
     by_region = 0
     originals = np.flatnonzero(forensic & real)
     if p.forensic_regions and data_dir is not None and originals.size:

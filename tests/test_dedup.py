@@ -419,3 +419,258 @@ def test_lookalike_documents_merge_without_the_256_bit_check(tmp_path):
     unchecked = dedup.plan(tmp_path / "m.parquet", dedup.DedupParams(verify_bits=256))
     assert len(set(checked.group.tolist())) == len(names)
     assert len(set(unchecked.group.tolist())) < len(names)
+
+
+# --------------------------------------------------------------------------- forensic originals
+
+
+def _casia_like(root: Path) -> dict[str, set[str]]:
+    """A CASIA-like folder: `Au/` originals (384 x 256 JPEGs of package photos), `Tp/` copy-moves
+    and splices made from them (one scaled), `Gt/` their masks. Returns the expected groups
+    (file stems)."""
+    ims = {k: v.convert("RGB").resize((384, 256), Image.LANCZOS)
+           for k, v in _full_size_photos().items()
+           if k in ("chelsea", "coffee", "astronaut", "rocket", "motorcycle", "china", "camera",
+                    "flower", "grace_hopper")}
+    for d in ("Au", "Tp", "Gt"):
+        (root / d).mkdir(parents=True)
+    for k, im in ims.items():
+        im.save(root / "Au" / f"Au_{k}.jpg", "JPEG", quality=92)
+    au = {k: Image.open(root / "Au" / f"Au_{k}.jpg").convert("RGB") for k in ims}
+
+    def paste(name: str, host: str, donor: str, box: tuple[int, int, int, int],
+              at: tuple[int, int], scale: float = 1.0) -> None:
+        out = au[host].copy()
+        region = au[donor].crop(box)
+        if scale != 1.0:
+            region = region.resize((round(region.width * scale), round(region.height * scale)),
+                                   Image.LANCZOS)
+        out.paste(region, at)
+        mask = Image.new("L", out.size, 0)
+        mask.paste(255, (at[0], at[1], at[0] + region.width, at[1] + region.height))
+        out.save(root / "Tp" / f"{name}.jpg", "JPEG", quality=92)
+        mask.save(root / "Gt" / f"{name}_gt.png")
+
+    paste("Tp_S_chelsea_copymove", "chelsea", "chelsea", (30, 40, 110, 100), (260, 160))
+    paste("Tp_D_coffee_astronaut", "coffee", "astronaut", (140, 20, 260, 160), (20, 80))
+    paste("Tp_D_rocket_china_big", "rocket", "china", (0, 0, 230, 200), (150, 40))
+    paste("Tp_D_chelsea_motorcycle", "chelsea", "motorcycle", (120, 80, 230, 170), (10, 150))
+    paste("Tp_D_flower_grace_scaled", "flower", "grace_hopper", (120, 30, 260, 200), (200, 40),
+          scale=0.8)
+    return {
+        "chelsea": {"Au_chelsea", "Au_motorcycle", "Tp_S_chelsea_copymove",
+                    "Tp_D_chelsea_motorcycle"},
+        "coffee": {"Au_coffee", "Au_astronaut", "Tp_D_coffee_astronaut"},
+        "rocket": {"Au_rocket", "Au_china", "Tp_D_rocket_china_big"},
+        "flower": {"Au_flower", "Au_grace_hopper", "Tp_D_flower_grace_scaled"},
+        "camera": {"Au_camera"},
+    }
+
+
+def test_forensic_tampered_images_join_their_originals_groups(tmp_path):
+    """Issue 10.10: each tampered image shares the group of the original it was made from,
+    a splice also its donor's (so host and donor become one group); unrelated originals
+    stay apart and no original becomes a duplicate."""
+    want = _casia_like(tmp_path / "casia")
+    manifest = write_manifest(tmp_path / "corpus.yaml", [
+        {"name": "casia", "kind": "forensic", "domain": "natural", "label": "tampered",
+         "license": "research", "path": str(tmp_path / "casia")}])
+    params = make_params(tmp_path, [manifest])
+    run_stage("ingest", params, local_executor())
+    metrics = run_stage("dedup", params, local_executor())
+    recs = read_records(params.data / "dedup" / "manifest.parquet")
+    assert len(recs) == 14 and all(r.status == "ok" for r in recs)
+    group = {Path(r.uri).stem: r.group_id for r in recs}
+    got: dict[str, set[str]] = {}
+    for stem, g in group.items():
+        got.setdefault(g, set()).add(stem)
+    assert sorted(map(sorted, got.values())) == sorted(map(sorted, want.values()))
+    f = metrics["dedup"]
+    assert f["forensic_tampered"] == 5 and f["forensic_linked"] == 5
+    assert f["forensic_several_originals"] == 4  # the four splices found host and donor
+    assert f["forensic_links_by_region"] >= 4  # donors are found by their region only
+    # without region matching, a loose pHash still links the copy-move to its original,
+    # but no splice reaches its donor
+    _, loose = _dedup_forensic(tmp_path, manifest, forensic_regions=False)
+    assert loose["Tp_S_chelsea_copymove"] == loose["Au_chelsea"]
+    assert loose["Au_astronaut"] != loose["Au_coffee"] and loose["Au_china"] != loose["Au_rocket"]
+
+
+def _dedup_forensic(tmp: Path, manifest: Path, **opts) -> tuple[dict, dict[str, str]]:
+    params = make_params(tmp, [manifest], dedup=opts)
+    out = tmp / "opts" / "dedup"
+    metrics = dedup.run(params, {"manifest": params.data / "ingest" / "manifest.parquet"}, out,
+                        local_executor())
+    return metrics, {Path(r.uri).stem: r.group_id for r in read_records(out / "manifest.parquet")}
+
+
+def test_forensic_tampered_document_links_only_its_own_original(tmp_path):
+    """A receipt with one amount replaced joins its original, not the other receipts of its
+    template (their pHashes are within the looser forensic threshold of it)."""
+    from PIL import ImageDraw, ImageFont
+
+    docs = {k: v for k, v in _lookalike_documents().items() if k.startswith("receipt")}
+    root = tmp_path / "receipts"
+    for d in ("Au", "Tp", "Gt"):
+        (root / d).mkdir(parents=True)
+    for k, im in docs.items():
+        im.save(root / "Au" / f"Au_{k}.png")
+    box = (475, 210, 580, 232)
+    forged = docs["receipt0"].copy()
+    draw = ImageDraw.Draw(forged)
+    draw.rectangle(box, fill=(245, 243, 238))
+    draw.text((480, 210), " 999.99", fill=(30, 30, 30), font=ImageFont.load_default(size=18))
+    forged.save(root / "Tp" / "Tp_receipt0.png")
+    mask = Image.new("L", forged.size, 0)
+    ImageDraw.Draw(mask).rectangle(box, fill=255)
+    mask.save(root / "Gt" / "Tp_receipt0_gt.png")
+    manifest = write_manifest(tmp_path / "corpus.yaml", [
+        {"name": "receipts", "kind": "forensic", "domain": "document", "label": "tampered",
+         "license": "test", "path": str(root)}])
+    params = make_params(tmp_path, [manifest])
+    run_stage("ingest", params, local_executor())
+    hashes = {k: dedup.parse_variants(pa.array([dedup.image_hashes(np.asarray(im))[
+        "phash_variants"]])).key[0] for k, im in {**docs, "tp": forged}.items()}
+    near = [k for k in docs if int(np.bitwise_count(hashes[k] ^ hashes["tp"])) <= 16]
+    assert len(near) >= 2  # the looser threshold alone would link other receipts too
+    metrics, group = _dedup_forensic(tmp_path, manifest)
+    assert group["Tp_receipt0"] == group["Au_receipt0"]
+    assert len(set(group.values())) == len(docs)  # every original in its own group
+    assert metrics["dedup"]["forensic_linked"] == 1
+
+
+# --------------------------------------------------------------------------- the plan's arrays
+
+
+def _bits(rng: np.random.Generator, x: int, d: int, width: int = 64) -> int:
+    """x with exactly d distinct bits flipped."""
+    for b in rng.choice(width, d, replace=False):
+        x ^= 1 << int(b)
+    return x
+
+
+def _words(x: int) -> list[int]:
+    return [(x >> (64 * (3 - i))) & (2**64 - 1) for i in range(4)]
+
+
+def test_plan_equals_a_brute_force_reference(tmp_path):
+    """The vectorised plan (index, probes, 256-bit checks, sha256, representatives) gives the
+    groups and duplicates of a plain all-pairs reference, on hashes planted around every
+    threshold."""
+    import hashlib
+
+    from pipeline.records import Record, write_manifest as write_records
+
+    rng = np.random.default_rng(0)
+    p = dedup.DedupParams()
+    t, tp, v = p.threshold, p.probe_threshold, p.verify_bits
+    rows: list[dict] = []
+
+    def add(key, fine, probes, **kw):
+        rows.append({"key": key, "fine": fine, "probes": probes, "phash": key,
+                     "sha": hashlib.sha256(str(len(rows)).encode()).hexdigest(),
+                     "status": "ok", "label": "real", "kind": "image_folder", "variants": True,
+                     "w": int(rng.choice([20, 30])), "h": 20, "nbytes": int(rng.integers(1, 4)),
+                     **kw})
+
+    for b in range(120):
+        key, fine = int(rng.integers(0, 2**63)) << 1, int(rng.integers(0, 2**62)) << 194
+        fine |= int(rng.integers(0, 2**62))
+        wins = [(int(rng.integers(0, 2**63)) << 1, int(rng.integers(0, 2**63)) << 193, False)
+                for _ in range(2)]
+        add(key, fine, wins)
+        kind = b % 8
+        if kind == 0:  # near copies around both thresholds
+            add(_bits(rng, key, int(rng.integers(t - 2, t + 3))),
+                _bits(rng, fine, int(rng.choice([v - 10, v, v + 1, v + 20])), 256), [])
+        elif kind == 1:  # a crop: its whole is one of the windows of the original
+            w, wf, _ = wins[int(rng.integers(0, 2))]
+            add(_bits(rng, w, int(rng.integers(tp - 2, tp + 2))),
+                _bits(rng, wf, int(rng.choice([10, v + 5])), 256), [])
+        elif kind == 2:  # a turned copy whose orientation was ambiguous: its other turn
+            alt = (_bits(rng, key, int(rng.integers(tp - 2, tp + 2))),
+                   _bits(rng, fine, int(rng.choice([10, v + 5])), 256), True)
+            add(int(rng.integers(0, 2**63)) << 1, int(rng.integers(0, 2**63)), [alt])
+        elif kind == 3:  # a byte-identical copy and a tampered copy
+            rows.append(dict(rows[-1]))
+            add(_bits(rng, key, 3), _bits(rng, fine, 20, 256), [], label="tampered")
+        elif kind == 4:  # rows without the new hashes, a blocklist item, a broken row
+            add(_bits(rng, key, 4), 0, [], variants=False)
+            add(_bits(rng, key, 2), fine, [], status="blocklist", kind="blocklist")
+            add(0, 0, [], status="truncated", variants=False, phash=None, sha=None)
+        elif kind == 5:  # two tampered copies of one photo are not duplicates of each other
+            add(_bits(rng, key, 2), _bits(rng, fine, 10, 256), [], label="tampered")
+            add(_bits(rng, key, 2), _bits(rng, fine, 10, 256), [], label="synthetic")
+
+    def hx(x: int, digits: int) -> str:
+        return f"{x:0{digits}x}"
+
+    recs = []
+    for i, r in enumerate(rows):
+        variants = None
+        if r["variants"]:
+            variants = " ".join(["k" + hx(r["key"], 16) + hx(r["fine"], 64)] + [
+                ("a" if turn else "w") + hx(val, 16) + hx(f, 64) for val, f, turn in r["probes"]])
+        recs.append(Record(key=f"row{i:05d}", source="s", label=r["label"], kind=r["kind"],
+                           status=r["status"], sha256=r["sha"], width=r["w"], height=r["h"],
+                           nbytes=r["nbytes"],
+                           phash=hx(r["phash"], 16) if r["phash"] is not None else None,
+                           phash_variants=variants))
+    write_records(tmp_path / "m.parquet", recs)
+    pl = dedup.plan(tmp_path / "m.parquet", p)
+
+    # the reference: every pair of rows, plain Python
+    n = len(rows)
+    idx = [i for i, r in enumerate(rows) if r["phash"] is not None
+           and r["status"] in ("ok", "blocklist")]
+
+    def dist(a: int, b: int) -> int:
+        return bin(a ^ b).count("1")
+
+    def fine_ok(fa: int, fb: int, has_a: bool, has_b: bool) -> bool:
+        return not (has_a and has_b) or dist(fa, fb) <= v
+
+    a, b = [], []
+    for i in idx:
+        ri = rows[i]
+        for j in idx:
+            rj = rows[j]
+            if j > i and ri["key"] == rj["key"]:
+                a.append(i), b.append(j)
+            elif j > i and dist(ri["key"], rj["key"]) <= t and fine_ok(
+                    ri["fine"], rj["fine"], ri["variants"], rj["variants"]):
+                a.append(i), b.append(j)
+            if ri["variants"] and ri["key"] != rj["key"]:
+                for val, f, _ in ri["probes"]:
+                    if dist(val, rj["key"]) <= tp and fine_ok(f, rj["fine"], True, rj["variants"]):
+                        a.append(i), b.append(j)
+    for i in range(n):
+        for j in range(i + 1, n):
+            ri, rj = rows[i], rows[j]
+            if ri["sha"] and ri["sha"] == rj["sha"] and all(
+                    r["status"] == "ok" or k in idx for r, k in ((ri, i), (rj, j))):
+                a.append(i), b.append(j)
+    root = union_find(n, np.array(a, np.int64), np.array(b, np.int64))
+    member = np.array([i in idx or bool(rows[i]["sha"] and rows[i]["status"] == "ok")
+                       for i in range(n)])
+    want = {frozenset(np.flatnonzero((root == r) & member).tolist())
+            for r in set(root[member].tolist())}
+    got = {frozenset(np.flatnonzero(pl.group == g).tolist()) for g in set(pl.group.tolist()) - {-1}}
+    assert got == want
+    assert all((pl.group[i] >= 0) == bool(member[i]) for i in range(n))
+    # representatives: one real row per component, one row per sha256 among forgeries
+    units: dict[tuple, list[int]] = {}
+    for i in range(n):
+        r = rows[i]
+        if member[i] and r["status"] == "ok" and r["kind"] != "blocklist":
+            unit = ("real", int(root[i])) if r["label"] == "real" else ("copy", r["sha"])
+            units.setdefault(unit, []).append(i)
+    rep = np.full(n, -1)
+    for us in units.values():
+        best = min(us, key=lambda i: (-rows[i]["w"] * rows[i]["h"], -rows[i]["nbytes"], i))
+        for i in us:
+            if i != best:
+                rep[i] = best
+    assert (pl.rep == rep).all()
+    assert pl.figures["near_duplicates"] > 20 and pl.figures["probe_matches"] > 10
+    assert pl.figures["probe_matches_refused"] > 0  # the 256-bit check had work to do
