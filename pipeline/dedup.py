@@ -107,7 +107,10 @@ class DedupParams:
 
 WINDOWS = (0.95, 0.9, 0.85, 0.8)  # centred windows: side of the window / side of the image
 FINE = 16  # the verification hash: signs of the 16 x 16 lowest DCT coefficients vs median
-_MARGIN = 0.05  # orientation statistics closer to 0 than this (relative) are ambiguous
+# orientation statistics closer to 0 than this (relative) are ambiguous: the other turn is
+# kept too. Wide for whole images (an overlay such as a watermark moves the statistics of
+# a low-contrast photo), narrow for the windows (crops that are also turned)
+_MARGIN_WHOLE, _MARGIN_WINDOW = 0.2, 0.05
 # the 8 turns as (transpose, flip rows, flip columns); turn 0 is the image as stored
 TURNS = tuple((t, a, b) for t in (0, 1) for a in (0, 1) for b in (0, 1))
 
@@ -129,7 +132,8 @@ def _turn(c: np.ndarray, turn: tuple[int, int, int]) -> np.ndarray:
     return c * sign
 
 
-def _turns(c: np.ndarray) -> tuple[tuple[int, int, int], list[tuple[int, int, int]]]:
+def _turns(c: np.ndarray, margin: float) -> tuple[tuple[int, int, int],
+                                                 list[tuple[int, int, int]]]:
     """(canonical turn, every turn that could be canonical for a slightly different copy).
 
     Canonical: the transpose that puts more energy above the diagonal than below, then the
@@ -143,13 +147,13 @@ def _turns(c: np.ndarray) -> tuple[tuple[int, int, int], list[tuple[int, int, in
     iu = np.triu_indices(8, 1)
     above = float(((low[iu] ** 2) - (low.T[iu] ** 2)).sum()) / energy
     scale = np.sqrt(energy)
-    ts = [0] if above > _MARGIN else [1] if above < -_MARGIN else [0, 1]
+    ts = [0] if above > margin else [1] if above < -margin else [0, 1]
     turns: list[tuple[int, int, int]] = []
     for t in ts:
         lt = low.T if t else low
         h, v = lt[0, 1] / scale, lt[1, 0] / scale
-        bs = [0] if h > _MARGIN else [1] if h < -_MARGIN else [0, 1]
-        as_ = [0] if v > _MARGIN else [1] if v < -_MARGIN else [0, 1]
+        bs = [0] if h > margin else [1] if h < -margin else [0, 1]
+        as_ = [0] if v > margin else [1] if v < -margin else [0, 1]
         turns += [(t, a, b) for a in as_ for b in bs]
     t0 = 0 if above >= 0 else 1
     lt = low.T if t0 else low
@@ -174,7 +178,7 @@ def image_hashes(rgb: np.ndarray) -> dict[str, str]:
     """
     gray = Image.fromarray(np.asarray(rgb, dtype=np.uint8)).convert("L")
     c = _dct(gray)
-    canonical, turns = _turns(c)
+    canonical, turns = _turns(c, _MARGIN_WHOLE)
     tokens = []
     seen: set[str] = set()
     for turn in [canonical] + [t for t in turns if t != canonical]:
@@ -189,7 +193,7 @@ def image_hashes(rgb: np.ndarray) -> dict[str, str]:
     for s in WINDOWS:
         dx, dy = w * (1 - s) / 2, h * (1 - s) / 2
         cw = _dct(gray, (dx, dy, w - dx, h - dy))
-        cano, alts = _turns(cw)
+        cano, alts = _turns(cw, _MARGIN_WINDOW)
         for turn in [cano] + [t for t in alts if t != cano]:
             ct = _turn(cw[:FINE, :FINE], turn)
             coarse = _hex_bits(ct[:8, :8])
