@@ -43,6 +43,8 @@ CHUNK = 500_000  # rows generated and written at a time
 # --------------------------------------------------------------------------- the manifests
 
 _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+# the 256-bit hash of window j of an image: its whole image's, xor a constant (synthetic)
+_WINDOW_FINE = np.array([0x5555555555555555 * (j + 1) % 2**64 for j in range(4)], np.uint64)
 
 
 def _hex(words: np.ndarray) -> np.ndarray:
@@ -108,8 +110,10 @@ def _chunk(n: int, rng: np.random.Generator, start: int) -> Any:
     c_fine[nd] = _flip(c_fine[nd], rng.integers(0, 40, len(nd)), rng, 256)
     c_win[nd] = _flip(c_win[nd], rng.integers(0, 4, len(nd)), rng, 256)
     cr = np.flatnonzero(how == 3)  # the copy is one window of its source
-    c_key[cr] = _flip(win[src[cr], rng.integers(0, 4, len(cr))], rng.integers(0, 4, len(cr)), rng)
-    c_fine[cr] = rng.integers(0, 2**64, (len(cr), 4), dtype=np.uint64)
+    j = rng.integers(0, 4, len(cr))
+    c_key[cr] = _flip(win[src[cr], j], rng.integers(0, 4, len(cr)), rng)
+    c_fine[cr] = _flip(fine[src[cr]] ^ _WINDOW_FINE[j][:, None], rng.integers(0, 30, len(cr)),
+                       rng, 256)
     c_win[cr] = rng.integers(0, 2**64, (len(cr), 4), dtype=np.uint64)
     # forgeries and blocklist items near a real image; broken rows have no hashes
     f_src = rng.integers(0, n_orig, n_fake + n_block)
@@ -137,8 +141,7 @@ def _chunk(n: int, rng: np.random.Generator, start: int) -> Any:
 
     base = [letter("k"), _hex(keys), _hex(fines)]
     for j in range(4):  # window hashes, each with a 256-bit hash (of their own)
-        wf = fines ^ np.uint64(0x5555555555555555 * (j + 1) % 2**64)
-        base += [space, letter("w"), _hex(wins[:, j]), _hex(wf)]
+        base += [space, letter("w"), _hex(wins[:, j]), _hex(fines ^ _WINDOW_FINE[j])]
     with_alt = base[:3] + [space, letter("a"), _hex(alt_key), _hex(alt_fine)] + base[3:]
     import pyarrow.compute as pc
 

@@ -230,7 +230,10 @@ def _buffers(strings: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarra
 
 def _hex_at(data: np.ndarray, starts: np.ndarray, words: int) -> tuple[np.ndarray, np.ndarray]:
     """(uint64 [m, words], valid [m]): 16 * words hex digits read at each start in data."""
-    chars = data[starts[:, None] + np.arange(16 * words)]
+    width = 16 * words
+    if not len(starts):
+        return np.zeros((0, words), _U64), np.zeros(0, bool)
+    chars = np.lib.stride_tricks.sliding_window_view(data, width)[starts]  # [m, width] bytes
     nib = _HEX[chars]
     ok = (nib != 255).all(axis=1)
     raw = (nib[:, 0::2] << 4) | nib[:, 1::2]  # bytes, most significant first
@@ -398,9 +401,9 @@ def _num(col: pa.ChunkedArray) -> np.ndarray:
     return np.nan_to_num(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False).astype(float))
 
 
-def _sha_ids(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(id per row: equal iff equal sha256, -1 where none; has sha; rank of the sha string)."""
-    words, ok = _hex_words(pc.utf8_slice_codeunits(col, 0, 32), 2)
+def _sha_ids(words: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(id per row: equal iff equal sha256 (first 128 bits), -1 where none; rank of the sha
+    string) from the parsed words."""
     n = len(ok)
     ids = np.full(n, -1, np.int64)
     rank = np.full(n, -1, np.int64)
@@ -413,7 +416,7 @@ def _sha_ids(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         new[1:] = (w[1:] != w[:-1]).any(axis=1)
         ids[rows[order]] = np.cumsum(new) - 1
         rank[rows[order]] = np.arange(len(order))
-    return ids, ok, rank
+    return ids, rank
 
 
 def _probe_fines(manifest: str | os.PathLike, computed: dict[int, str], rows: np.ndarray,
@@ -484,31 +487,38 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
     t_start = time.perf_counter()
     pf = pq.ParquetFile(manifest)
     names = set(pf.schema_arrow.names)
-    small = ["key", "sha256", "phash", "status", "label", "kind", "width", "height", "nbytes"]
-    table = pf.read(columns=small)
-    n = table.num_rows
-    status, label, kind = table.column("status"), table.column("label"), table.column("kind")
-    ok_row = _is(status, "ok")
-    indexable = _is(status, "ok", "blocklist")
-    real = _is(label, "real")
-    blocklist = _is(kind, "blocklist")
-    forensic = _is(kind, "forensic")
-    area = _num(table.column("width")) * _num(table.column("height"))
-    nbytes = _num(table.column("nbytes"))
-    phash, has_phash = parse_phash(table.column("phash"))
-    sha_id, has_sha, sha_rank = _sha_ids(table.column("sha256"))
+    n = pf.metadata.num_rows
+    ok_row, indexable, real, blocklist, forensic, has_phash, has_sha = (
+        np.zeros(n, bool) for _ in range(7))
+    area, nbytes = np.zeros(n), np.zeros(n)
+    phash = np.zeros(n, _U64)
+    sha = np.zeros((n, 2), _U64)  # the first 128 bits of the sha256
+    parts: list[tuple[int, Variants]] = []
+    cols = ["sha256", "phash", "status", "label", "kind", "width", "height", "nbytes"]
+    cols += ["phash_variants"] if "phash_variants" in names else []
+    offset = 0
+    for batch in pf.iter_batches(columns=cols, batch_size=1 << 18):  # numbers, not strings
+        sl = slice(offset, offset + batch.num_rows)
+        status, kind = batch.column("status"), batch.column("kind")
+        ok_row[sl], indexable[sl] = _is(status, "ok"), _is(status, "ok", "blocklist")
+        real[sl] = _is(batch.column("label"), "real")
+        blocklist[sl], forensic[sl] = _is(kind, "blocklist"), _is(kind, "forensic")
+        area[sl] = _num(batch.column("width")) * _num(batch.column("height"))
+        nbytes[sl] = _num(batch.column("nbytes"))
+        phash[sl], has_phash[sl] = parse_phash(batch.column("phash"))
+        sha[sl], has_sha[sl] = _hex_words(
+            pc.utf8_slice_codeunits(batch.column("sha256"), 0, 32), 2)
+        if "phash_variants" in names:
+            parts.append((offset, parse_variants(batch.column("phash_variants"))))
+        offset += batch.num_rows
+    sha_id, sha_rank = _sha_ids(sha, has_sha)
+    del sha
     key_rank = np.empty(n, np.int64)
-    key_rank[pc.sort_indices(table.column("key")).to_numpy()] = np.arange(n)
-    del table
+    key_rank[pc.sort_indices(pf.read(columns=["key"]).column("key")).to_numpy()] = np.arange(n)
 
     # the hashes of every row: parsed, or computed from the stored image where missing
-    parts: list[tuple[int, Variants]] = []
-    offset = 0
-    if "phash_variants" in names:
-        for batch in pf.iter_batches(columns=["phash_variants"], batch_size=1 << 18):
-            parts.append((offset, parse_variants(batch.column(0))))
-            offset += batch.num_rows
     var = Variants.concat(parts, n)
+    del parts
     computed: dict[int, str] = {}
     need = np.flatnonzero(~var.ok & indexable & has_phash) if p.near else np.empty(0, np.int64)
     if need.size and data_dir is not None and "blob" in names:

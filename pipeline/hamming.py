@@ -197,8 +197,8 @@ def table_pairs(unique: np.ndarray, table: Table, threshold: int) -> tuple[np.nd
     """Index pairs (a < b) of sorted distinct `unique` that share `table`'s key within `threshold`.
 
     Sort the permuted hashes, then compare neighbours at offset d = 1, 2, ... inside each
-    bucket until no bucket is longer than d: all reads are sequential. Matches are mapped
-    back to indices by inverting the permutation and a binary search in `unique`.
+    bucket until no bucket is longer than d: all reads are sequential. Matches come back to
+    indices through the sort order.
     """
     if len(unique) < 2:
         return np.empty(0, np.int64), np.empty(0, np.int64)
@@ -207,11 +207,11 @@ def table_pairs(unique: np.ndarray, table: Table, threshold: int) -> tuple[np.nd
 
 
 def _table_pairs(unique: np.ndarray, table: Table, threshold: int) -> tuple[np.ndarray, np.ndarray]:
-    empty = np.empty(0, np.int64), np.empty(0, np.int64)
     n = len(unique)
     perm = _Permutation.of(table)
     v = perm.forward(unique)
-    v.sort()
+    order = np.argsort(v)  # positions come back through `order`: near pairs can be many
+    v = v[order]
     same = (v[1:] ^ v[:-1]) <= perm.low  # row i and i + 1 share the key
     cur = np.flatnonzero(same)
     hits_a, hits_b = [], []
@@ -219,16 +219,16 @@ def _table_pairs(unique: np.ndarray, table: Table, threshold: int) -> tuple[np.n
     while cur.size:
         ok = np.bitwise_count(v[cur] ^ v[cur + d]) <= threshold
         if ok.any():
-            hits_a.append(v[cur[ok]])
-            hits_b.append(v[cur[ok] + d])
+            hits_a.append(cur[ok])
+            hits_b.append(cur[ok] + d)
         # rows i and i + d + 1 share the key iff same[i .. i + d] all hold
         cur = cur[cur + d < n - 1]
         cur = cur[same[cur + d]]
         d += 1
     if not hits_a:
-        return empty
-    a = np.searchsorted(unique, perm.inverse(np.concatenate(hits_a)))
-    b = np.searchsorted(unique, perm.inverse(np.concatenate(hits_b)))
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    a = order[np.concatenate(hits_a)]
+    b = order[np.concatenate(hits_b)]
     return np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64)
 
 
@@ -239,8 +239,8 @@ def _table_query(stored: np.ndarray, queries: np.ndarray, table: Table, threshol
     Both sides are permuted and sorted (values only, no argsort). The stored side gets a
     direct-address table of bucket starts over the top (up to 22) key bits, so each query
     finds its bucket with one lookup, then walks it (all queries of a block at once),
-    checking candidates with XOR + popcount. Matches are mapped back to indices like
-    `_table_pairs` does.
+    checking candidates with XOR + popcount. Matches (few) are mapped back to indices by
+    inverting the permutation and a binary search.
     """
     perm = _Permutation.of(table)
     vs = perm.forward(stored)
@@ -440,7 +440,13 @@ class HammingIndex:
         e = np.empty(0, np.int64)
         if not len(q) or not len(self.unique):
             return e, e, e
-        uq, qinv = np.unique(q, return_inverse=True)
+        order = np.argsort(q, kind="stable")  # equal queries in runs, no inverse array
+        sq = q[order]
+        head = np.ones(len(sq), bool)
+        head[1:] = sq[1:] != sq[:-1]
+        start = np.append(np.flatnonzero(head), len(sq))
+        uq = sq[head]
+        del sq, head
         factory = partial(_query_worker, self.unique, uq, self.threshold, verify)
         found = [np.empty(0, np.int64)]
         ns = np.int64(len(self.unique))
@@ -449,8 +455,6 @@ class HammingIndex:
         edge = np.unique(np.concatenate(found))
         uqi, ui = edge // ns, edge % ns
         # back to query rows: every query row holding a matched distinct value
-        order = np.argsort(qinv.reshape(-1), kind="stable")
-        start = np.searchsorted(qinv.reshape(-1)[order], np.arange(len(uq) + 1))
         counts = start[uqi + 1] - start[uqi]
         rep = np.repeat(np.arange(len(uqi)), counts)
         offset = np.arange(len(rep)) - np.repeat(np.cumsum(counts) - counts, counts)
