@@ -364,7 +364,7 @@ def main() -> int:
 
     common = ["--threshold", str(a.threshold), "--planted", str(a.planted)]
     has_faiss = subprocess.run([a.faiss_python, "-c", "import faiss"], capture_output=True,
-                               cwd=ROOT).returncode == 0
+                               cwd=ROOT, check=False).returncode == 0
     rows: list[dict[str, Any]] = []
     for n in a.sizes:  # interleaved, so load on the machine hits every method alike
         for name, cap in (("plan_n", 0), ("plan_fixed", a.fixed_capacity)):

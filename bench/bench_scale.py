@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 TIME_RATIO_GOAL = 12.0
 MEMORY_RATIO_GOAL = 1.3
-CHUNK = 500_000  # rows generated and written at a time
+CHUNK = 500_000  # rows generated at a time
+ROW_GROUP = 1 << 16  # rows per parquet row group (the stages write 2048 to 65536)
 
 # --------------------------------------------------------------------------- the manifests
 
@@ -187,7 +188,7 @@ def build_manifest(n: int, path: Path, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     with pq.ParquetWriter(tmp, SCHEMA) as w:
         for start in range(0, n, CHUNK):
-            w.write_table(_chunk(min(CHUNK, n - start), rng, start))
+            w.write_table(_chunk(min(CHUNK, n - start), rng, start), row_group_size=ROW_GROUP)
     tmp.replace(path)
     return path
 

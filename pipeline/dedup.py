@@ -9,20 +9,20 @@ What an image is matched by (`image_hashes`, computed at ingest into `phash_vari
 here from the stored bytes when a manifest lacks them):
 
 - a *canonical* 64-bit pHash: the pHash of the image turned (by one of the 8 flips and
-  90-degree rotations) so that three low DCT coefficients have fixed signs. A flipped or
-  rotated copy has the same canonical turn, so it is found like any near copy. Where a sign
-  is too close to zero to be sure, the hashes of the other turns are kept as *alternatives*
-  and asked against the canonical hashes too;
-- a 256-bit hash of the same turn (16x16 DCT signs around their median) that must also be
-  close (`verify_bits`): two filled-in forms of one template are 6 bits apart in pHash but
-  80 bits apart here, while copies stay under 64;
-- the canonical pHashes of four centred windows (95%, 90%, 85%, 80% of each side), asked
-  against whole images at `crop_threshold`: a copy cropped by up to 10% a side is the
-  whole of one of them.
+  90-degree rotations) so that its energy sits above the DCT diagonal and its first
+  horizontal and vertical AC coefficients are positive. A flipped or rotated copy has the
+  same canonical turn, so it is found like any near copy (`threshold`). Where a statistic is
+  too close to zero to be sure, the hashes of the other turns it could take are kept too;
+- a 256-bit hash of the same turn (the 16x16 lowest DCT coefficients against their median)
+  that must also be close (`verify_bits`): two receipts typeset from one template are 6
+  bits apart in pHash but 76+ here, while copies stay under 64;
+- the canonical hashes of four centred windows (95%, 90%, 85%, 80% of each side): a copy
+  cropped by up to 10% a side is the whole of one of them.
 
-The searches are exact radius searches in Hamming space (`pipeline.hamming`): a self-join
-of the canonical hashes and batch queries of the alternatives and windows, sub-quadratic,
-on the executor. Forensic datasets that ship originals (CASIA's `Au/`) get one more step:
+The windows and the other turns are *probes*, asked against the whole images' canonical
+hashes at `probe_threshold` (and checked by their own 256-bit hashes). The searches are
+exact radius searches in Hamming space (`pipeline.hamming`): a self-join of the canonical
+hashes and one batch query of the probes, sub-quadratic, on the executor. Forensic datasets that ship originals (CASIA's `Au/`) get one more step:
 each tampered image is linked to the real images it was made from, by a looser hash match
 or by matching keypoints of its tampered and untampered parts (a splice finds its host and
 its donor), and shares their group (`forensic_threshold`, `forensic_regions`). Such links
@@ -35,6 +35,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,7 @@ FINE = 16  # the verification hash: signs of the 16 x 16 lowest DCT coefficients
 # kept too. Wide for whole images (an overlay such as a watermark moves the statistics of
 # a low-contrast photo), narrow for the windows (crops that are also turned)
 _MARGIN_WHOLE, _MARGIN_WINDOW = 0.2, 0.05
-# the 8 turns as (transpose, flip rows, flip columns); turn 0 is the image as stored
-TURNS = tuple((t, a, b) for t in (0, 1) for a in (0, 1) for b in (0, 1))
+# a turn is (transpose, flip rows, flip columns): the 8 flips and 90-degree rotations
 
 
 def _dct(gray: Image.Image, box: tuple[float, float, float, float] | None = None) -> np.ndarray:
@@ -366,10 +366,6 @@ class _Factory:
 
 # --------------------------------------------------------------------------- planning
 
-_COLUMNS = ("key", "sha256", "phash", "phash_variants", "status", "label", "kind", "width",
-            "height", "nbytes", "blob", "mask_blob", "source")
-
-
 class _FineCheck:
     """verify() for the index: 256-bit distance of candidate pairs within `bits` (picklable).
 
@@ -391,6 +387,18 @@ def _first_of(inverse: np.ndarray, n: int) -> np.ndarray:
     pos = np.arange(len(inverse), dtype=np.int64)
     first[inverse[::-1]] = pos[::-1]  # the last write wins: the first position
     return first
+
+
+def _open(path: str | os.PathLike) -> pq.ParquetFile:
+    """A manifest read as a stream: small buffered reads, no read-ahead of whole row groups
+    (3x lower peak memory on long string columns)."""
+    return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+
+
+def _batches(path: str | os.PathLike, columns: list[str] | None, batch_size: int = 1 << 16
+             ) -> Iterator[pa.RecordBatch]:
+    yield from _open(path).iter_batches(columns=columns, batch_size=batch_size,
+                                        use_threads=False)
 
 
 def _is(col: pa.ChunkedArray, *values: str) -> np.ndarray:
@@ -441,12 +449,12 @@ def _probe_fines(manifest: str | os.PathLike, computed: dict[int, str], rows: np
     rest = want[~np.isin(want, mine)]
     offset = 0
     if rest.size:
-        for batch in pq.ParquetFile(manifest).iter_batches(columns=["phash_variants"],
-                                                           batch_size=1 << 18):
+        for batch in _batches(manifest, ["phash_variants"]):
             lo, hi = np.searchsorted(rest, [offset, offset + batch.num_rows])
             if hi > lo:
                 take(rest[lo:hi], batch.column(0).take(pa.array(rest[lo:hi] - offset)))
             offset += batch.num_rows
+    pa.default_memory_pool().release_unused()
     if not got_rows:
         return fine, found
     gr, gv, gf = np.concatenate(got_rows), np.concatenate(got_vals), np.concatenate(got_fine)
@@ -485,7 +493,7 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
     hashes the stored bytes (under `data_dir`) of rows that lack `phash_variants`.
     """
     t_start = time.perf_counter()
-    pf = pq.ParquetFile(manifest)
+    pf = _open(manifest)
     names = set(pf.schema_arrow.names)
     n = pf.metadata.num_rows
     ok_row, indexable, real, blocklist, forensic, has_phash, has_sha = (
@@ -497,7 +505,7 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
     cols = ["sha256", "phash", "status", "label", "kind", "width", "height", "nbytes"]
     cols += ["phash_variants"] if "phash_variants" in names else []
     offset = 0
-    for batch in pf.iter_batches(columns=cols, batch_size=1 << 18):  # numbers, not strings
+    for batch in _batches(manifest, cols):  # into numbers, batch by batch
         sl = slice(offset, offset + batch.num_rows)
         status, kind = batch.column("status"), batch.column("kind")
         ok_row[sl], indexable[sl] = _is(status, "ok"), _is(status, "ok", "blocklist")
@@ -519,6 +527,7 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
     # the hashes of every row: parsed, or computed from the stored image where missing
     var = Variants.concat(parts, n)
     del parts
+    pa.default_memory_pool().release_unused()  # the strings are numbers now
     computed: dict[int, str] = {}
     need = np.flatnonzero(~var.ok & indexable & has_phash) if p.near else np.empty(0, np.int64)
     if need.size and data_dir is not None and "blob" in names:
@@ -587,9 +596,8 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
     if sha_rows.size:
         a_parts.append(sha_rows)
         b_parts.append(n + nu + sha_id[sha_rows])
-    a = np.concatenate(a_parts) if a_parts else np.empty(0, np.int64)
-    b = np.concatenate(b_parts) if b_parts else np.empty(0, np.int64)
-    root = union_find(n + nu + nsha, a, b)[:n]
+    root = union_find(n + nu + nsha, a_parts, b_parts)[:n]
+    del a_parts, b_parts
     index_s = time.perf_counter() - t0
 
     member = indexed | (has_sha & ok_row)
@@ -684,8 +692,7 @@ def _group_names(manifest: str | os.PathLike, rows: np.ndarray, has_sha: np.ndar
     order = np.argsort(rows)
     want = rows[order]
     parts, pos, offset = [], 0, 0
-    for batch in pq.ParquetFile(manifest).iter_batches(columns=["key", "sha256"],
-                                                       batch_size=1 << 18):
+    for batch in _batches(manifest, ["key", "sha256"]):
         end = offset + batch.num_rows
         stop = int(np.searchsorted(want, end))
         if stop > pos:
@@ -930,7 +937,7 @@ def write_plan(src: str | os.PathLike, out: Path, pl: Plan, keep_duplicates: boo
     # the keys of representatives, read once (they may sit in any batch)
     if reps.size:
         offset = 0
-        for batch in pq.ParquetFile(src).iter_batches(columns=["key"], batch_size=1 << 18):
+        for batch in _batches(src, ["key"]):
             lo, hi = np.searchsorted(reps, [offset, offset + batch.num_rows])
             if hi > lo:
                 local = reps[lo:hi] - offset
@@ -939,7 +946,7 @@ def write_plan(src: str | os.PathLike, out: Path, pl: Plan, keep_duplicates: boo
             offset += batch.num_rows
     with pq.ParquetWriter(tmp, SCHEMA) as w, pq.ParquetWriter(gtmp, gschema) as gw:
         offset = 0
-        for batch in pq.ParquetFile(src).iter_batches(batch_size=1 << 16):
+        for batch in _batches(src, None):
             n = batch.num_rows
             sl = slice(offset, offset + n)
             cols = _conform(batch)

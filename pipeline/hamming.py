@@ -277,29 +277,43 @@ def _table_query(stored: np.ndarray, queries: np.ndarray, table: Table, threshol
     return qi.astype(np.int64), si.astype(np.int64)
 
 
-def union_find(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def union_find(n: int, a: np.ndarray | list[np.ndarray], b: np.ndarray | list[np.ndarray],
+               chunk: int = 1 << 20) -> np.ndarray:
     """Component label (the smallest member index) of each of `n` nodes joined by edges a-b.
 
     Vectorised hook-and-compress union-find: every root hooks under the smallest root it
-    touches, then paths are halved until every node points at its root.
+    touches, then paths are halved until every node points at its root; repeated while an
+    edge joins two roots. Edges may come as lists of arrays (parts) and are read in chunks,
+    with one byte per edge to remember the ones already inside a component, so memory stays
+    that of `parent` plus one chunk.
     """
     parent = np.arange(n, dtype=np.int64)
-    a = np.asarray(a, np.int64)
-    b = np.asarray(b, np.int64)
-    while a.size:
-        ra, rb = parent[a], parent[b]
-        lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
-        live = lo != hi
-        if not live.any():
-            break
-        a, b, lo, hi = a[live], b[live], lo[live], hi[live]
-        np.minimum.at(parent, hi, lo)
+    parts_a = a if isinstance(a, list) else [a]
+    parts_b = b if isinstance(b, list) else [b]
+    chunks = [(pa_, pb_, s) for pa_, pb_ in zip(parts_a, parts_b)
+              for s in range(0, len(pa_), chunk)]
+    live = [np.ones(min(chunk, len(pa_) - s), bool) for pa_, _, s in chunks]
+    while True:
+        hooked = False
+        for (pa_, pb_, s), lv in zip(chunks, live):
+            idx = np.flatnonzero(lv)
+            if not idx.size:
+                continue
+            ra = parent[np.asarray(pa_[s + idx], np.int64)]
+            rb = parent[np.asarray(pb_[s + idx], np.int64)]
+            lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
+            join = lo != hi
+            lv[idx[~join]] = False  # same tree already: never again
+            if join.any():
+                np.minimum.at(parent, hi[join], lo[join])
+                hooked = True
+        if not hooked:
+            return parent
         while True:
             grand = parent[parent]
             if np.array_equal(grand, parent):
                 break
             parent = grand
-    return parent
 
 
 def unique_edges(a: np.ndarray, b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

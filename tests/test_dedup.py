@@ -252,7 +252,7 @@ def test_broken_rows_pass_through_untouched(tmp_path):
 
 def _full_size_photos() -> dict[str, Image.Image]:
     """Package photos and scans at full size (RGB), the distinct images of the recall tests."""
-    import matplotlib.cbook as cbook
+    from matplotlib import cbook
 
     def rgb(a) -> Image.Image:
         a = np.asarray(a)
@@ -284,8 +284,7 @@ def _lookalike_documents() -> dict[str, Image.Image]:
                       ("left", (0, 0, w // 2, h)), ("right", (w // 2, 0, w, h))):
         out[f"page_{name}"] = page.crop(box)
     rng = np.random.default_rng(0)
-    words = ("invoice total amount due date customer number item price tax paid cash change "
-             "receipt store thank you").split()
+    words = ["invoice", "total", "amount", "due", "date", "customer", "number", "item", "price", "tax", "paid", "cash", "change", "receipt", "store", "thank", "you"]
     font = ImageFont.load_default(size=18)
     for k in range(8):
         im = Image.new("RGB", (600, 800), (245, 243, 238))
@@ -338,7 +337,8 @@ def _hash_manifest(path: Path, images: dict[str, Image.Image]) -> list[str]:
     """A manifest of real rows hashed by `image_hashes` (as ingest would), no blobs."""
     import hashlib
 
-    from pipeline.records import Record, content_key, write_manifest as write_records
+    from pipeline.records import Record, content_key
+    from pipeline.records import write_manifest as write_records
 
     recs, names = [], []
     for name, im in images.items():
@@ -559,7 +559,8 @@ def test_plan_equals_a_brute_force_reference(tmp_path):
     threshold."""
     import hashlib
 
-    from pipeline.records import Record, write_manifest as write_records
+    from pipeline.records import Record
+    from pipeline.records import write_manifest as write_records
 
     rng = np.random.default_rng(0)
     p = dedup.DedupParams()
@@ -625,7 +626,7 @@ def test_plan_equals_a_brute_force_reference(tmp_path):
            and r["status"] in ("ok", "blocklist")]
 
     def dist(a: int, b: int) -> int:
-        return bin(a ^ b).count("1")
+        return (a ^ b).bit_count()
 
     def fine_ok(fa: int, fb: int, has_a: bool, has_b: bool) -> bool:
         return not (has_a and has_b) or dist(fa, fb) <= v
@@ -635,9 +636,7 @@ def test_plan_equals_a_brute_force_reference(tmp_path):
         ri = rows[i]
         for j in idx:
             rj = rows[j]
-            if j > i and ri["key"] == rj["key"]:
-                a.append(i), b.append(j)
-            elif j > i and dist(ri["key"], rj["key"]) <= t and fine_ok(
+            if j > i and ri["key"] == rj["key"] or j > i and dist(ri["key"], rj["key"]) <= t and fine_ok(
                     ri["fine"], rj["fine"], ri["variants"], rj["variants"]):
                 a.append(i), b.append(j)
             if ri["variants"] and ri["key"] != rj["key"]:
