@@ -15,6 +15,9 @@ figures dict, run inside the child process; add split and export planning the sa
     python bench/bench_scale.py [--sizes 1000000 10000000] [--stages dedup]
                                 [--workdir /tmp/bench_scale] [--out metrics/bench_scale.json]
 
+`BENCH_DEDUP_CAPACITY=10000000` plans dedup's index for 10^7 hashes at every size (the
+fixed plan whose cost per hash does not depend on the size) instead of the real size.
+
 Uniform random 64-bit hashes are the easy case for the index (real pHashes are biased and
 correlated, so their buckets are fuller); the figures are for this synthetic model.
 """
@@ -197,9 +200,12 @@ def build_manifest(n: int, path: Path, seed: int = 0) -> Path:
 
 
 def plan_dedup(manifest: Path, scratch: Path) -> dict[str, Any]:
+    import os
+
     from pipeline.dedup import DedupParams, plan
 
-    pl = plan(manifest, DedupParams())
+    # BENCH_DEDUP_CAPACITY: plan the index for a fixed size instead of the real one
+    pl = plan(manifest, DedupParams(capacity=int(os.environ.get("BENCH_DEDUP_CAPACITY", "0"))))
     f = pl.figures
     return {k: f[k] for k in ("groups", "exact_duplicates", "near_duplicates", "index_tables",
                               "probe_tables", "planned_for", "pairs", "probe_matches",
@@ -212,17 +218,30 @@ STAGES: list[tuple[str, Callable[[Path, Path], dict[str, Any]]]] = [
 ]
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM: ru_maxrss would carry the parent's peak
+    over fork + exec on Linux (the parent built the manifest)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(stage: str, manifest: Path, scratch: Path) -> dict[str, Any]:
     fn = dict(STAGES)[stage]
     import pyarrow  # noqa: F401 - imports are the baseline, not the stage
 
     import pipeline.dedup  # noqa: F401
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = _peak_rss_mib()
     t0 = time.perf_counter()
     figures = fn(manifest, scratch)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mib()
     return {"seconds": seconds, "peak_rss_mib": peak, "baseline_rss_mib": base,
             "figures": figures}
 
