@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import imagehash
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline import imageio
 from pipeline.corpus import load_corpus
+from pipeline.dedup import image_hashes
 from pipeline.domains import guess_domain
 from pipeline.executor import Executor, Resources
 from pipeline.params import Params
@@ -249,7 +249,7 @@ class Context:
         return rec.replace(
             sha256=sha,
             source_id=sha if rec.label == "real" else None,
-            phash=str(imagehash.phash(Image.fromarray(rgb))),
+            **image_hashes(rgb),  # phash and the variants dedup searches with
             blob=blob,
             nbytes=len(data),
             domain=domain,

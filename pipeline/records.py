@@ -80,6 +80,8 @@ class Record:
     mask_changed: float | None = None  # masks: fraction of pixels above the threshold
     mask_leak: float | None = None  # masks: share of the mask outside the requested region
     colour_shift: float | None = None  # masks: global colour shift removed before differencing
+    # dedup: canonical, turned and window hashes (`pipeline.dedup.image_hashes`); not shipped
+    phash_variants: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIELDS}
@@ -108,7 +110,8 @@ SCHEMA = pa.schema(
     [pa.field(f.name, _arrow_type(f.type)) for f in dataclasses.fields(Record)]
 )
 FIELDS = tuple(f.name for f in dataclasses.fields(Record))
-_PRIVATE = ("blob", "mask_blob", "requested_mask_blob", "diff_blob", "parent_blob", "local_path")
+_PRIVATE = ("blob", "mask_blob", "requested_mask_blob", "diff_blob", "parent_blob",
+            "local_path", "phash_variants")
 _PUBLIC = tuple(name for name in FIELDS if name not in _PRIVATE)
 
 

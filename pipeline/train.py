@@ -30,8 +30,8 @@ import logging
 import math
 import os
 import shutil
-import sys
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
