@@ -490,7 +490,8 @@ def _plan_groups(table: pa.Table, p: DedupParams, executor: Executor | None
     label = _column(table, "label")
     kind = _column(table, "kind")
     hashes, has_phash = parse_phash(table.column("phash"))
-    indexed = has_phash & np.array([s in ("ok", "blocklist") for s in status], bool)
+    # rows of outside benchmarks (status `benchmark`) are indexed like blocklist rows
+    indexed = has_phash & np.array([s in ("ok", "blocklist", "benchmark") for s in status], bool)
     idx_rows = np.flatnonzero(indexed)
 
     t0 = time.perf_counter()

@@ -121,7 +121,7 @@ def plan(table: Any, p: SplitParams, seed: int) -> tuple[dict[str, str], dict[st
 
     blocked: dict[str, str] = {}  # unit -> the blocklist item's key
     for r in rows:
-        if r["kind"] == "blocklist":
+        if r["kind"] == "blocklist" or r["status"] == "benchmark":  # outside benchmarks too
             u = units.find(root_group(r["key"]))
             blocked[u] = min(blocked.get(u, r["key"]), r["key"])
 
