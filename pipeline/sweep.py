@@ -70,7 +70,7 @@ class Point:
     fraction: float | None = None
     domain: str | None = None
     links: dict[str, Path] = field(default_factory=dict)  # data_dir entries linked to the run's
-    own_export: dict[str, Any] | None = None  # export.exports for a point that writes its own
+    base: str | None = None  # the run's export it is cut from (None: it is the run's export)
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,6 +100,25 @@ def train_domains(export: Path) -> list[str]:
     return sorted({str(r["domain"]) for r in t if r["split"] == "train" and r["domain"]})
 
 
+def domain_export(base: Path, domain: str, data_dir: Path, target: Path) -> int:
+    """`target/{train,val}`: the samples of one domain of the export `base`, exactly (the
+    shard writer of the shard stage, same records, same bytes); returns the train count."""
+    from pipeline.records import ManifestWriter, iter_records
+    from pipeline.shard import write_shard_set
+
+    rows = [r for r in iter_records(base / "manifest.parquet")
+            if r.split in ("train", "val") and str(r.domain) == domain]
+    target.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        recs = sorted((r for r in rows if r.split == split), key=lambda r: r.key)
+        if recs or (target / split).exists():
+            write_shard_set(recs, data_dir, target / split, split, 1000, 1 << 30)
+    with ManifestWriter(target / "manifest.parquet") as w:
+        for r in sorted(rows, key=lambda r: (r.split, r.key)):
+            w.write(r)
+    return sum(r.split == "train" for r in rows)
+
+
 # ---------------------------------------------------------------------------------------
 # running one point
 
@@ -124,8 +143,6 @@ def point_params(params: Params, point: Point, root: Path, steps: int | None,
     d["train"]["export"] = point.export
     if steps is not None:
         d["train"]["steps"] = steps
-    if point.own_export is not None:
-        d["export"]["exports"] = point.own_export
     return d
 
 
@@ -174,8 +191,7 @@ def run_point(params: Params, point: Point, root: Path, steps: int | None,
     d = point_params(params, point, root, steps, evaluate_export, robustness)
     pfile = root / "params.yaml"
     pfile.write_text(yaml.safe_dump(d, sort_keys=False))
-    exports = [data / "exports" / evaluate_export] + (
-        [] if point.own_export else [data / "exports" / point.export])
+    exports = [data / "exports" / evaluate_export, data / "exports" / (point.base or point.export)]
     fp = _fingerprint(d, exports)
     done = root / "done.json"
     mdir = root / "metrics"
@@ -186,10 +202,10 @@ def run_point(params: Params, point: Point, root: Path, steps: int | None,
         done.unlink(missing_ok=True)
         t0 = time.perf_counter()
         with open(root / "log.txt", "a") as logf:
-            if point.own_export is not None:
-                _stage("export", pfile, logf)
-                # the test split the point is evaluated on: the run's export, linked after the
-                # export stage (which removes folders it did not write)
+            if point.base is not None:
+                domain_export(data / "exports" / point.base, point.domain, data,
+                              root / "data" / "exports" / point.export)
+                # the test split the point is evaluated on: the run's export
                 _link(data / "exports" / evaluate_export,
                       root / "data" / "exports" / evaluate_export)
             _stage("train+evaluate", pfile, logf)
@@ -268,14 +284,19 @@ def fit_power_law(n: list[float], metric: list[float]) -> dict[str, Any]:
                 "note": f"fit failed: {err}"}
     se = np.sqrt(np.diag(pcov)) if np.all(np.isfinite(pcov)) else np.full(3, np.inf)
     resid = e - f(x, *popt)
-    ok = len(pts) > 3 and bool(np.all(np.isfinite(se)))
-    note = ("" if ok else
-            f"not identifiable: {len(pts)} points for 3 parameters (the curve can pass through "
-            "them with nothing left to check it)" if len(pts) <= 3 else
-            "not identifiable: the covariance is not finite (the points do not pin the curve)")
-    return {**out, "a": float(popt[0]), "b": float(popt[1]), "c": float(popt[2]),
-            "se": {k: (float(s) if math.isfinite(s) else None) for k, s in zip("abc", se)},
-            "rmse": float(np.sqrt(np.mean(resid ** 2))), "identifiable": ok, "note": note}
+    a, b, c = (float(v) for v in popt)
+    why = []
+    if len(pts) <= 3:
+        why.append(f"{len(pts)} points for 3 parameters (the curve can pass through them with "
+                   "nothing left to check it)")
+    if a < 1e-6 or b < 1e-4 or b > 3 - 1e-4:
+        why.append("the best fit sits on a bound (no decrease with N: a and c trade off)")
+    if not np.all(np.isfinite(se)) or se[0] > a or se[1] > b:
+        why.append("standard errors of a or b larger than the estimates")
+    return {**out, "a": a, "b": b, "c": c,
+            "se": {k: (float(v) if math.isfinite(v) else None) for k, v in zip("abc", se)},
+            "rmse": float(np.sqrt(np.mean(resid ** 2))), "identifiable": not why,
+            "note": ("not identifiable: " + "; ".join(why)) if why else ""}
 
 
 def scaling_figures(results: dict[str, dict[str, Any]], points: list[Point], set_name: str
@@ -377,8 +398,7 @@ def plot_transfer(tr: dict[str, Any], path: Path, samples: dict[str, Any] | None
     for ax, (m, mat) in zip(axes[0], mats):
         grid = np.array([[np.nan if mat[r].get(c) is None else mat[r][c] for c in cols]
                          for r in rows], float)
-        cmap = plt.get_cmap("viridis").copy()
-        cmap.set_bad("#eeeeee")
+        cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
         im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1, aspect="auto")
         ax.set_xticks(range(len(cols)), cols, rotation=30, fontsize=8)
         ax.set_yticks(range(len(rows)), [f"{r} (N={samples[r]})" if samples and r in samples
@@ -436,33 +456,18 @@ def sweep_fractions(params: Params, args: argparse.Namespace) -> dict[str, Any]:
 
 def sweep_domains(params: Params, args: argparse.Namespace
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
-    from pipeline.export import ExportSpec
-
     data = params.data.resolve()
     name = args.export or params.train.export
     export = data / "exports" / name
     if not (export / "train").is_dir():
         raise ParamsError(f"sweep: no export {name!r} under {data / 'exports'}; run the export "
                           "stage first")
-    base = base_export(name)
-    spec = params.export.exports.get(base)
-    if spec is None:
-        raise ParamsError(f"sweep: export {base!r} is not in export.exports; name the export "
-                          "whose spec to copy with --export")
     domains = train_domains(export)
     if not domains:
         raise ParamsError(f"sweep: export {name!r} has no training samples")
-    shared = {"manifest.parquet": data / "manifest.parquet", "ingest": data / "ingest",
-              "synthesize": data / "synthesize", "masks": data / "masks"}
-    points = []
-    for d in domains:
-        own = f"{base}-only-{d}"
-        # domain weights select only under balance: the base spec's rules, this domain only
-        spec_d = {**params_mod._asdict(spec), "balance": True, "domains": {d: 1.0},
-                  "fractions": [1.0], "splits": ["train", "val"], "imdl": False}
-        ExportSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec_d.items()})
-        points.append(Point(name=f"only-{d}", export=own, domain=d, links=dict(shared),
-                            own_export={own: spec_d}))
+    shared = {"manifest.parquet": data / "manifest.parquet", "ingest": data / "ingest"}
+    points = [Point(name=f"only-{d}", export=f"{name}-only-{d}", domain=d, base=name,
+                    links=dict(shared)) for d in domains]
     points.append(Point(name="all", export=name, domain="all",
                         links={**shared, "exports": data / "exports"}))
     out = Path(args.out) if args.out else data / "sweeps" / "domain"
@@ -629,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             _write_json(params.metrics / "transfer.json", tr)
             png = plot_transfer(tr, params.plots / "transfer.png", details["train_samples"])
             print(f"[sweep] transfer matrix -> {params.metrics / 'transfer.json'}, {png}")
-    except (ParamsError, FileNotFoundError, RuntimeError, TimeoutError,
+    except (ParamsError, OSError, RuntimeError, TimeoutError,
             subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
