@@ -377,12 +377,9 @@ def image_part(y: np.ndarray, score: np.ndarray, p: EvaluateParams, seed: int,
     out["accuracy"] = _v(m["accuracy"], bootstrap_ci(acc, sizes, b, c, _seed(seed, "acc")))
     out["balanced_accuracy"] = _v(m["balanced_accuracy"],
                                   bootstrap_ci(bal, sizes, b, c, _seed(seed, "bal")))
-    if ap_ci or out["ap"]["value"] is None:
-        return _explain(out, b, "fewer than 2 images in a class")
-    ap = out.pop("ap")
-    _explain(out, b, "fewer than 2 images in a class")
-    out["ap"] = {**ap, "ci_undefined": "AP intervals are given for whole sets only"} if b else ap
-    return out
+    if not ap_ci and b and out["ap"]["value"] is not None:
+        out["ap"]["ci_undefined"] = "AP intervals are given for whole sets only"
+    return _explain(out, b, "fewer than 2 images in a class")
 
 
 def mean_part(values: dict[str, np.ndarray], p: EvaluateParams, seed: int, what: str
@@ -396,7 +393,7 @@ def mean_part(values: dict[str, np.ndarray], p: EvaluateParams, seed: int, what:
         out[name] = _v(float(np.mean(a)), bootstrap_ci(
             lambda i, axis=-1, a=a: a[i].mean(axis=axis), (len(a),), p.bootstrap,
             p.confidence, _seed(seed, name)))
-    return _explain(out, p.bootstrap, f"fewer than 2 {what}s")
+    return _explain(out, p.bootstrap, f"fewer than 2 {what}")
 
 
 def block(rows: list[Scored], p: EvaluateParams, seed: int, ap_ci: bool = False
@@ -414,7 +411,7 @@ def block(rows: list[Scored], p: EvaluateParams, seed: int, ap_ci: bool = False
         "pixel": mean_part({"f1": np.array([r.f1 for r in px]),
                             "iou": np.array([r.iou for r in px]),
                             "f1_best": np.array([r.f1_best for r in px])},
-                           p, seed, "tampered image with a mask"),
+                           p, seed, "tampered images with a mask"),
     }
 
 
@@ -426,7 +423,7 @@ def baselines(rows: list[Scored], p: EvaluateParams, seed: int) -> dict[str, Any
     y = np.array([r.y for r in rows], int)
     px = [r for r in rows if r.has_pixels]
     n = {"n": len(rows), "n_real": int((y == 0).sum()), "n_forged": int((y == 1).sum())}
-    what = "tampered image with a mask"
+    what = "tampered images with a mask"
     return {
         "constant_score": {**n, "score": 0.5,
                            "image": image_part(y, np.full(len(rows), 0.5), p, seed, ap_ci=False)},
@@ -499,7 +496,7 @@ def delta_block(clean: list[Scored], pert: list[Scored], p: EvaluateParams, seed
     _explain(image, b, "fewer than 2 images in a class")
     both = [(a, z) for a, z in zip(clean, pert) if a.has_pixels and z.has_pixels]
     pixel = mean_part({k: np.array([getattr(z, k) - getattr(a, k) for a, z in both])
-                       for k in ("f1", "iou", "f1_best")}, p, seed, "tampered image with a mask")
+                       for k in ("f1", "iou", "f1_best")}, p, seed, "tampered images with a mask")
     perturbed = block(pert, replace(p, bootstrap=0), seed)
     return {"n": len(clean), "n_pixel": len(both), "image": image, "pixel": pixel,
             "perturbed": {"image": perturbed["image"], "pixel": perturbed["pixel"]}}

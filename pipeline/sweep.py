@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -514,46 +515,48 @@ def _col(row: dict[str, Any], name: str) -> Any:
     return None
 
 
-def _pair(v: Any) -> list[float] | None:
-    """An interval as exp_show gives it: a list, or its text."""
-    if isinstance(v, str):
-        try:
-            v = json.loads(v)
-        except ValueError:
-            return None
-    if isinstance(v, (list, tuple)) and len(v) == 2 and all(
-            isinstance(x, (int, float)) for x in v):
-        return [float(v[0]), float(v[1])]
-    return None
-
-
-def dvc_points(rows: list[dict[str, Any]], set_name: str) -> list[dict[str, Any]]:
-    """Scaling points from `dvc.api.exp_show()` rows: one per distinct export.fraction
-    (the newest experiment wins)."""
+def dvc_points(rows: list[dict[str, Any]], set_name: str,
+               read: Callable[[str, str], dict[str, Any] | None], metrics_dir: str = "metrics"
+               ) -> list[dict[str, Any]]:
+    """Scaling points of DVC experiments: `rows` from `dvc.api.exp_show()` give each
+    experiment's `export.fraction` and revision, `read(rev, path)` its metrics files (exp_show
+    leaves out lists, so the intervals come from the files). One point per fraction; named
+    experiments first."""
     out: dict[float, dict[str, Any]] = {}
+    rows = sorted(rows, key=lambda r: r.get("Experiment") is None)
     for r in rows:
-        f = _col(r, "export.fraction")
-        n = _col(r, "train_samples")
-        if f is None or n is None:
+        f, rev = _col(r, "export.fraction"), r.get("rev")
+        if f is None or not rev or float(f) in out:
             continue
-        pt: dict[str, Any] = {"name": r.get("Experiment") or r.get("rev"), "fraction": float(f),
-                              "train_samples": int(n)}
+        ev = read(rev, f"{metrics_dir}/evaluate.json")
+        tr = read(rev, f"{metrics_dir}/train.json")
+        if not ev or not tr:
+            continue
+        pt: dict[str, Any] = {"name": r.get("Experiment") or rev, "rev": rev,
+                              "fraction": float(f), "train_samples": tr.get("train_samples"),
+                              "steps": tr.get("steps")}
         for m in METRICS:
-            g, k = _WHERE[m]
-            v = _col(r, f"splits.{set_name}.{g}.{k}.value")
-            pt[m] = float(v) if isinstance(v, (int, float)) else None
-            pt[f"{m}_ci"] = _pair(_col(r, f"splits.{set_name}.{g}.{k}.ci"))
-        if pt["image_auc"] is None and pt["pixel_f1"] is None:
-            continue
-        out.setdefault(float(f), pt)
+            pt[m], pt[f"{m}_ci"] = metric_value(ev, set_name, m)
+        out[float(f)] = pt
     return [out[f] for f in sorted(out)]
 
 
-def collect_dvc(set_name: str) -> dict[str, Any]:
+def _read_at(rev: str, path: str) -> dict[str, Any] | None:
+    """A JSON file of the workspace or of a git revision (DVC experiments are commits)."""
+    try:
+        if rev == "workspace":
+            return json.loads(Path(path).read_text())
+        text = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True,
+                              check=True).stdout
+        return json.loads(text)
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        return None
+
+
+def collect_dvc(set_name: str, metrics_dir: str) -> dict[str, Any]:
     import dvc.api
 
-    rows = dvc.api.exp_show()
-    points = dvc_points(rows, set_name)
+    points = dvc_points(dvc.api.exp_show(), set_name, _read_at, metrics_dir)
     fit = {m: fit_power_law([p["train_samples"] for p in points], [p[m] for p in points])
            for m in METRICS}
     return {"by": "fraction", "set": set_name, "source": "dvc experiments", "points": points,
@@ -613,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.collect:
                 fractions = args.fractions or [0.1, 0.25, 0.5, 1.0]
                 dvc_queue(fractions, args.jobs, args.timeout)
-            sc = collect_dvc(args.set)
+            sc = collect_dvc(args.set, params.metrics_dir.rstrip("/"))
             _write_json(params.metrics / "scaling.json", sc)
             png = plot_scaling(sc, params.plots / "scaling.png")
             print(f"[sweep] {len(sc['points'])} experiments -> {params.metrics / 'scaling.json'}, "

@@ -52,19 +52,25 @@ def test_power_law_fit_with_few_points_says_it_is_not_identifiable():
 
 
 def test_dvc_points_from_exp_show_rows():
+    """exp_show rows as DVC 3 gives them (lists left out), metrics files read per revision."""
+    def ev(auc, f1):
+        return {"splits": {"test": {"image": {"auc": {"value": auc, "ci": [auc - 0.2, auc]}},
+                                    "pixel": {"f1": {"value": f1, "ci": None}}}}}
+    files = {("a1", "metrics/evaluate.json"): ev(0.7, 0.2), ("a1", "metrics/train.json"):
+             {"train_samples": 12, "steps": 20}, ("b2", "metrics/evaluate.json"): ev(0.8, None),
+             ("b2", "metrics/train.json"): {"train_samples": 24, "steps": 20}}
     rows = [
-        {"Experiment": "frac50", "export.fraction": 0.5, "train_samples": 12,
-         "splits.test.image.auc.value": 0.7, "splits.test.image.auc.ci": "[0.5, 0.9]",
-         "splits.test.pixel.f1.value": 0.2, "splits.test.pixel.f1.ci": [0.1, 0.3]},
-        {"Experiment": "frac100", "params.yaml:export.fraction": 1.0,
-         "metrics/train.json:train_samples": 24, "splits.test.image.auc.value": 0.8,
-         "splits.test.pixel.f1.value": None},
-        {"Experiment": None, "rev": "workspace", "export.fraction": None},  # not a point
+        {"Experiment": None, "rev": "workspace", "typ": "baseline", "export.fraction": 1.0},
+        {"Experiment": "frac100", "rev": "b2", "params.yaml:export.fraction": 1.0,
+         "splits.test.image.auc.value": 0.8},
+        {"Experiment": "frac50", "rev": "a1", "export.fraction": 0.5},
+        {"Experiment": "broken", "rev": "c3", "export.fraction": 0.25},  # no metrics: skipped
     ]
-    pts = dvc_points(rows, "test")
-    assert [p["fraction"] for p in pts] == [0.5, 1.0]
-    assert pts[0]["image_auc_ci"] == [0.5, 0.9] and pts[0]["pixel_f1_ci"] == [0.1, 0.3]
-    assert pts[1]["train_samples"] == 24 and pts[1]["pixel_f1"] is None
+    pts = dvc_points(rows, "test", lambda rev, path: files.get((rev, path)))
+    assert [(p["name"], p["fraction"], p["train_samples"]) for p in pts] == [
+        ("frac50", 0.5, 12), ("frac100", 1.0, 24)]
+    assert pts[0]["image_auc"] == 0.7 and pts[0]["image_auc_ci"] == pytest.approx([0.5, 0.7])
+    assert pts[1]["pixel_f1"] is None
 
 
 def test_scaling_plot_is_drawn(tmp_path):
