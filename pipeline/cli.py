@@ -23,6 +23,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "inspect": ("pipeline.inspect", "write a PNG of a sample with its mask (see inspect --help)"),
     "predict": ("pipeline.predict", "masks and scores of images with a trained model "
                 "(see predict --help)"),
+    "sweep": ("pipeline.sweep", ("data-fraction scaling and per-domain transfer sweeps: one "
+                                 "model per point (see sweep --help)")),
 }
 
 

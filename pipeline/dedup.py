@@ -517,9 +517,13 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
     for batch in _batches(manifest, cols):  # into numbers, batch by batch
         sl = slice(offset, offset + batch.num_rows)
         status, kind = batch.column("status"), batch.column("kind")
-        ok_row[sl], indexable[sl] = _is(status, "ok"), _is(status, "ok", "blocklist")
+        # rows of outside benchmarks (status `benchmark`) are indexed and block their
+        # groups like blocklist rows
+        ok_row[sl] = _is(status, "ok")
+        indexable[sl] = _is(status, "ok", "blocklist", "benchmark")
         real[sl] = _is(batch.column("label"), "real")
-        blocklist[sl], forensic[sl] = _is(kind, "blocklist"), _is(kind, "forensic")
+        blocklist[sl] = _is(kind, "blocklist") | _is(status, "benchmark")
+        forensic[sl] = _is(kind, "forensic")
         area[sl] = _num(batch.column("width")) * _num(batch.column("height"))
         nbytes[sl] = _num(batch.column("nbytes"))
         phash[sl], has_phash[sl] = parse_phash(batch.column("phash"))

@@ -31,6 +31,7 @@ from pipeline import imageio
 from pipeline.corpus import load_corpus
 from pipeline.dedup import image_hashes
 from pipeline.domains import guess_domain
+from pipeline.evaluate import benchmark_manifests, benchmark_sources, mark_benchmark
 from pipeline.executor import Executor, Resources
 from pipeline.params import Params
 from pipeline.records import ManifestWriter, Record, content_key, counts, iter_records
@@ -310,7 +311,9 @@ def list_tasks(sources: list[Source], batch: int, params: IngestParams) -> list[
 
 def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) -> dict[str, Any]:
     p: IngestParams = params.ingest
-    sources = load_corpus([Path(c) for c in inputs["corpus"]])
+    # outside benchmarks (evaluate.benchmarks): read too, marked status=benchmark, never shipped
+    bench = benchmark_sources(params)
+    sources = load_corpus([Path(c) for c in inputs["corpus"]] + list(benchmark_manifests(params).values()))
     tasks = list_tasks(sources, params.executor.batch_size, p)
     manifest = Path(out) / "manifest.parquet"
     seen: dict[str, int] = {}
@@ -325,10 +328,10 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
                                       blob=None, mask_blob=None)
                 else:
                     seen[rec.key] = 1
-                w.write(rec)
+                w.write(mark_benchmark(rec, bench))
     metrics = counts(iter_records(manifest))
     metrics["sources"] = len(sources)
-    metrics["errors_by_reason"] = {k: v for k, v in metrics["by_status"].items() if k not in ("ok", "blocklist")}
+    metrics["errors_by_reason"] = {k: v for k, v in metrics["by_status"].items() if k not in ("ok", "blocklist", "benchmark")}
     metrics["by_source"] = dict(sorted(Counter(r.source for r in iter_records(manifest)).items()))
     for reason, n in metrics["errors_by_reason"].items():
         log.warning("ingest: %d rows %s", n, reason)
@@ -342,7 +345,7 @@ STAGE = Stage(
     run=run,
     reads=("corpus",),
     writes={"ingest": "ingest"},
-    uses=("corpus",),
+    uses=("corpus", "evaluate.benchmarks"),
     code=("pipeline/sources", "pipeline/corpus.py", "pipeline/hf.py", "pipeline/domains.py",
           "pipeline/imageio.py", "pipeline/records.py"),
 )

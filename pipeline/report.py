@@ -2162,7 +2162,7 @@ STAGE = Stage(
     params=ReportParams,
     run=run,
     # blobs for thumbnails; the model (and its metrics) once trained
-    reads=("manifest", "exports", "ingest", "synthesize", "masks", "model"),
+    reads=("manifest", "exports", "ingest", "synthesize", "masks", "model", "evaluate"),
     writes={"report": "report"},
     uses=("seed", "masks", "export"),
     # the overlay of `inspect`, the difference map of `masks`, the balance targets of `export`

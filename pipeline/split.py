@@ -124,12 +124,15 @@ def is_corpus(kind: str | None) -> bool:
     return kind != SYNTHESIZED
 
 
+BENCHMARK = "benchmark"  # ingest's status for rows of outside benchmarks (evaluate.benchmarks)
+
+
 def _weighs(kind: str | None, status: str | None, parent_key: str | None,
             group_id: str | None) -> bool:
     """Does a row count in its group's weight? Corpus rows that dedup placed in a group and
     kept (a `pairs` edit follows its original instead). Nothing a later stage changes."""
     return (kind != SYNTHESIZED and kind != "blocklist" and group_id is not None
-            and status != "duplicate" and parent_key is None)
+            and status not in ("duplicate", BENCHMARK) and parent_key is None)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -276,11 +279,12 @@ def plan_groups(rows: Any, p: SplitParams, seed: int) -> GroupSplits:
     cum[-1] = 1.0
     positive = [p.ratios.get(s, 0.0) > 0 for s in order]
 
-    # pass 0: groups of blocklist items (few)
+    # pass 0: groups of blocklist items and of outside benchmarks' images (few)
     blocked: dict[int, str] = {}
     for b in cols:
-        for key, gid, sid, kind in zip(b["key"], b["group_id"], b["source_id"], b["kind"]):
-            if kind == "blocklist":
+        for key, gid, sid, kind, st in zip(b["key"], b["group_id"], b["source_id"], b["kind"],
+                                           b["status"]):
+            if kind == "blocklist" or st == BENCHMARK:
                 h = group_hash(seed, gid or sid or key)
                 blocked[h] = min(blocked.get(h, key), key)
 
@@ -411,9 +415,9 @@ def group_splits(rows: Any, p: SplitParams, seed: int) -> dict[str, str | None]:
     gs = plan_groups(cols, p, seed)
     out: dict[str, str | None] = {}
     for b in cols:
-        for key, gid, sid, kind, pk in zip(b["key"], b["group_id"], b["source_id"], b["kind"],
-                                          b["parent_key"]):
-            if is_corpus(kind) and kind != "blocklist" and pk is None:
+        for key, gid, sid, kind, pk, st in zip(b["key"], b["group_id"], b["source_id"],
+                                              b["kind"], b["parent_key"], b["status"]):
+            if is_corpus(kind) and kind != "blocklist" and st != BENCHMARK and pk is None:
                 g = gid or sid or key
                 if g not in out:
                     out[g] = gs.of_group(g)

@@ -24,6 +24,7 @@ MODULES: tuple[str, ...] = (
     "pipeline.shard",
     "pipeline.export",
     "pipeline.train",
+    "pipeline.evaluate",
     "pipeline.report",
 )
 
