@@ -192,10 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     # a run prints the stages' summary lines and warnings; -v adds what each stage found
+    verbose = getattr(args, "verbose", False)
     logging.basicConfig(
-        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # the model libraries' notices about optional backends and defaults
+        for name in ("transformers", "diffusers"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         if args.command == "defaults":
             text = params_mod.dump_repro() if args.repro else params_mod.dump_defaults()

@@ -298,10 +298,13 @@ def make_loader(shards, cfg, p: TrainParams, *, rank: int = 0, world: int = 1, s
                         shuffle_buffer=p.shuffle_buffer, skip_batches=skip_batches,
                         batch_size=p.batch_size)
     stream.check_slots(p.loader_workers)
+    # loader processes come from a forkserver, not a fork of this process: after the earlier
+    # stages of a `run` used OpenCV's thread pool here, a forked child deadlocks in OpenCV
+    context = "forkserver" if p.loader_workers > 0 else None
     return DataLoader(stream, batch_size=p.batch_size, num_workers=p.loader_workers,
                       collate_fn=_collate, persistent_workers=p.loader_workers > 0,
                       prefetch_factor=4 if p.loader_workers else None, pin_memory=pin_memory,
-                      worker_init_fn=_loader_worker_init)
+                      worker_init_fn=_loader_worker_init, multiprocessing_context=context)
 
 
 def _loader_worker_init(worker_id: int) -> None:
