@@ -49,7 +49,7 @@ def test_run_all_stages(tmp_path, backend):
                "val_max_images": 1, "loader_workers": 0},
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
-    out = subprocess.run([sys.executable, "-m", "pipeline", "run", "--params", str(params)],
+    out = subprocess.run([sys.executable, "-m", "pipeline", "run", "-v", "--params", str(params)],
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert ("starting ray (local instance)" in out.stderr) == (backend == "ray")

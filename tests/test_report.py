@@ -199,7 +199,10 @@ def _write_model_files(params: params_mod.Params) -> dict:
         )
     (params.data / "evaluate" / "pred").mkdir(parents=True, exist_ok=True)
     worst = []
-    for i, r in enumerate(forged[:6]):
+    cells = {}  # one sample per (domain, operation, generator): the report shows each cell
+    for r in forged:
+        cells.setdefault((r["domain"], r["operation"], r["generator"]), r)
+    for i, r in enumerate(list(cells.values())[:6]):
         pred = np.zeros((r["height"], r["width"]), np.uint8)
         pred[: r["height"] // 3, : r["width"] // 3] = 255  # a wrong corner
         Image.fromarray(pred).save(params.data / "evaluate" / "pred" / f"{r['key']}.png")

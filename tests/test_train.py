@@ -268,7 +268,7 @@ def _subprocess_params(corpus: Path, tmp_path: Path, **train) -> Path:
 
 def _start(path: Path, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--params", str(path)],
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", "-v", "--params", str(path)],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
