@@ -23,6 +23,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "inspect": ("pipeline.inspect", "write a PNG of a sample with its mask (see inspect --help)"),
     "predict": ("pipeline.predict", "masks and scores of images with a trained model "
                 "(see predict --help)"),
+    "loop": ("pipeline.loop", "rounds of focus -> synthesize -> ... -> train -> evaluate, "
+             "steered by the model's failures; --compare uniform (see loop --help)"),
     "sweep": ("pipeline.sweep", ("data-fraction scaling and per-domain transfer sweeps: one "
                                  "model per point (see sweep --help)")),
 }
@@ -182,6 +184,17 @@ def _exit_on_signal(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def setup_logging(verbose: bool) -> None:
+    """A run prints the stages' summary lines and warnings; -v adds what each stage found."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:  # the model libraries' notices about optional backends and defaults
+        for name in ("transformers", "diffusers"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
 
@@ -191,15 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in TOOLS:
         return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
-    # a run prints the stages' summary lines and warnings; -v adds what each stage found
-    verbose = getattr(args, "verbose", False)
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    if not verbose:  # the model libraries' notices about optional backends and defaults
-        for name in ("transformers", "diffusers"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    setup_logging(getattr(args, "verbose", False))
     try:
         if args.command == "defaults":
             text = params_mod.dump_repro() if args.repro else params_mod.dump_defaults()

@@ -43,7 +43,9 @@ precision) (DVC plots; the files of `test` and `test_ood` are always written, he
 when the set is empty or has one class), the predicted masks `data/evaluate/pred/<set>/<key>.png`
 (0/255) and `data/evaluate/worst.parquet`: per set and (domain, operation, generator) cell
 the `worst_k` samples by pixel F1 (tampered) and by score error (|label - score|), with
-their keys and predicted-mask paths.
+their keys and predicted-mask paths, and `data/evaluate/predictions.parquet`: one row per
+evaluated image (set, key, domain, operation, generator, source, label, score, pixel F1 and
+IoU, predicted-mask path), which `focus` and the data loop read per cell.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ _NAME = re.compile(r"[^A-Za-z0-9_-]+")
 class EvaluateParams:
     benchmarks: tuple[str, ...] = ()  # corpus manifests of outside benchmarks: never trained on
     export: str | None = None  # export whose test splits are evaluated; None: train.export
-    splits: tuple[str, ...] = ("test", "test_ood")
+    # val too: `focus` steers the next round by the val cells (test stays for reporting)
+    splits: tuple[str, ...] = ("val", "test", "test_ood")
     max_images: int = 200  # per set, in key order (a uniform sample: keys are hashes)
     threshold: float = 0.5  # on the image score and on each pixel's P(forged)
     bootstrap: int = 1000  # resamples of the percentile intervals; 0: no intervals
@@ -706,9 +709,32 @@ def worst_rows(name: str, rows: list[Scored], k: int) -> list[dict[str, Any]]:
     return out
 
 
+PREDICTION_COLUMNS = {"set": "string", "key": "string", "domain": "string",
+                      "operation": "string", "generator": "string", "source": "string",
+                      "label": "string", "score": "float64", "pixel_f1": "float64",
+                      "pixel_iou": "float64", "pred_mask": "string"}
+
+
+def prediction_rows(name: str, rows: list[Scored]) -> list[dict[str, Any]]:
+    """One row per evaluated image: what `focus` and the loop read per cell."""
+    return [{"set": name, "key": r.key, "domain": r.domain, "operation": r.operation,
+             "generator": r.generator, "source": r.source, "label": r.label,
+             "score": round(r.score, 6), "pixel_f1": r.f1, "pixel_iou": r.iou,
+             "pred_mask": r.pred_mask} for r in rows]
+
+
+def write_table(path: Path, rows: list[dict[str, Any]], columns: dict[str, str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(k, getattr(pa, t)()) for k, t in columns.items()])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+    os.replace(tmp, path)
+
+
 def write_worst(path: Path, rows: list[dict[str, Any]], manifest: Path) -> None:
     """worst.parquet, with each row's blob and mask blob from the run's manifest."""
-    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -721,11 +747,7 @@ def write_worst(path: Path, rows: list[dict[str, Any]], manifest: Path) -> None:
             f = found.get(r["key"])
             if f and not r.get("blob"):
                 r["blob"], r["mask_blob"] = f["blob"], f["mask_blob"]
-    schema = pa.schema([(k, getattr(pa, t)()) for k, t in WORST_COLUMNS.items()])
-    table = pa.Table.from_pylist(rows, schema=schema)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_table(path, rows, WORST_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -781,6 +803,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
         "skipped": {}, "curves": {}, "images": {}, "benchmark_rows": {},
     }
     worst: list[dict[str, Any]] = []
+    predictions: list[dict[str, Any]] = []
     sets: list[tuple[str, str, Callable[[], Iterator[Item]]]] = []
     for split in p.splits:
         if not (export / split).is_dir() or not any((export / split).glob("*.tar")):
@@ -813,6 +836,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
         why = write_curves(plots, name, rows)
         metrics["curves"][name] = why or "written"
         worst += worst_rows(name, rows, p.worst_k)
+        predictions += prediction_rows(name, rows)
         if robust:
             by_key = {r.key: r for r in rows}
             metrics["robustness"][name] = {
@@ -824,6 +848,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
             write_curves(plots, name, [])
             metrics["curves"][name] = "no images"
     write_worst(out / "worst.parquet", worst, Path(inputs["manifest"]))
+    write_table(out / "predictions.parquet", predictions, PREDICTION_COLUMNS)
     metrics["total"] = total
     metrics["worst_rows"] = len(worst)
     metrics["wall_s"] = round(time.perf_counter() - t0, 2)

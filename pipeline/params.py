@@ -100,7 +100,8 @@ class Params:
             "executor": _asdict(self.executor),
         }
         for name in section_names():
-            out[name] = _asdict(getattr(self, name))
+            cls = section_class(name)
+            out[name] = removals(cls, _asdict(cls()), _asdict(getattr(self, name)))
         return out
 
 
@@ -159,6 +160,29 @@ def merged(tp: Any, base: Any, given: Any) -> Any:
             out[k] = merged(vt, base[k], v) if k in base else v
         return out
     return given
+
+
+def removals(tp: Any, base: Any, value: Any) -> Any:
+    """`value` (a raw mapping) with `name: null` for each entry of a merged mapping that
+    `base` has and `value` lacks, so that loading it over the defaults (`merged`) gives
+    `value` back: `to_dict` -> `from_dict` is the identity."""
+    if not isinstance(value, dict) or not isinstance(base, dict):
+        return value
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return removals(inner[0], base, value) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        return {k: v if k not in fields or fields[k].metadata.get("merge") is False
+                else removals(hints[k], base.get(k), v) for k, v in value.items()}
+    if get_origin(tp) is dict:
+        vt = get_args(tp)[1] if get_args(tp) else Any
+        if vt is Any or type(None) in get_args(vt):
+            return value  # null is a value here, not a removal
+        out = {k: removals(vt, base[k], v) if k in base else v for k, v in value.items()}
+        return out | {k: None for k in base if k not in value}
+    return value
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

@@ -26,6 +26,7 @@ MODULES: tuple[str, ...] = (
     "pipeline.train",
     "pipeline.evaluate",
     "pipeline.report",
+    "pipeline.focus",
 )
 
 

@@ -80,6 +80,13 @@ class SynthesizeParams:
     paste_back_dilate: int = 2  # px
     match_source_format: bool = True  # encode like the source (container, mode, tables, metadata)
     max_sources: int | None = None  # cap, for quick runs
+    # plans of further rounds (JSON files written by `focus` or the data loop): their jobs
+    # are forged on top of this stage's own plan, each with keys of its round
+    plan_from: tuple[str, ...] = ()
+    # keep the forgeries of an earlier run of this stage whose key, seed and generator
+    # version match a planned job (and whose files exist) instead of forging them again;
+    # the data loop sets it, so a round forges only its new jobs
+    reuse: bool = False
 
     def __post_init__(self) -> None:
         specs = {}
@@ -209,6 +216,69 @@ def plan(sources: list[Record], p: SynthesizeParams, seed: int,
                 }
             )
     return jobs
+
+
+def load_plan(path: Path) -> dict[str, Any]:
+    """A round's plan (`pipeline.focus`): {"round": N, "jobs": [{"generator", "source"}], ...}."""
+    import json
+
+    try:
+        plan = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"synthesize.plan_from {path}: cannot read a plan ({e})") from e
+    if not isinstance(plan, dict) or not isinstance(plan.get("round"), int) or plan["round"] < 1 \
+            or not isinstance(plan.get("jobs"), list):
+        raise ValueError(f"synthesize.plan_from {path}: a plan is a JSON object with an integer "
+                         "`round` >= 1 and a `jobs` list")
+    for job in plan["jobs"]:
+        if not isinstance(job, dict) or not isinstance(job.get("generator"), str) \
+                or not isinstance(job.get("source"), str):
+            raise ValueError(f"synthesize.plan_from {path}: job {job!r}; each job is "
+                             '{"generator": NAME, "source": KEY}')
+    return plan
+
+
+def plan_round(plan: dict[str, Any], sources: dict[str, Record], p: SynthesizeParams,
+               seed: int, split_of: Callable[[Record], str | None]
+               ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """The jobs of one round's plan, and the reasons for jobs that cannot run. Only sources
+    in `train` are forged (val and test stay fixed across rounds); keys carry the round and
+    the job's index, so they never collide with the base plan or another round."""
+    r = plan["round"]
+    infos = {name: _gen_info(name) for name in p.generators}
+    train = [s for s in sources.values() if split_of(s) == "train"]
+    by_domain: dict[str, list[Record]] = defaultdict(list)
+    for s in sorted(train, key=lambda s: s.key):
+        by_domain[s.domain].append(s)
+    jobs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    problems = []
+    for i, job in enumerate(plan["jobs"]):
+        name, src = job["generator"], sources.get(job["source"])
+        if name not in infos:
+            raise ValueError(f"plan of round {r}: generator {name!r} is not in "
+                             f"synthesize.generators ({', '.join(p.generators)})")
+        info = infos[name]
+        if src is None:
+            problems.append(f"round {r} job {i}: source {job['source']} is not a shippable real "
+                            "image of this manifest")
+            continue
+        if split_of(src) != "train":
+            problems.append(f"round {r} job {i}: source {src.key} is in {split_of(src)}, not "
+                            "train (rounds forge train sources only)")
+            continue
+        if info.domain not in (src.domain, "aigc"):
+            problems.append(f"round {r} job {i}: {name} forges {info.domain} sources, "
+                            f"{src.key} is {src.domain}")
+            continue
+        key = content_key(src.key, name, "round", r, i)
+        donor = None
+        if info.needs_donor:
+            pool = [d for d in by_domain.get(info.donor_domain or src.domain, []) if d.key != src.key]
+            if pool:
+                donor = pool[derive_seed(seed, key, "donor") % len(pool)]
+        jobs[name].append({"source": src.to_dict(), "donor": donor.to_dict() if donor else None,
+                           "key": key, "seed": derive_seed(seed, key), "round": r})
+    return dict(jobs), problems
 
 
 def _partners(sources: list[Record], seed: int, splits: dict[str, str | None]
@@ -431,6 +501,26 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
 
     groups = plan_groups(inputs["manifest"], params.split, params.seed)
     jobs = plan(sources, p, params.seed, groups.of_record)
+    rounds: dict[int, int] = {}
+    plan_problems: list[str] = []
+    if p.plan_from:
+        by_key = {s.key: s for s in sources}
+        for path in p.plan_from:
+            extra, problems = plan_round(load_plan(params.resolve(path)), by_key, p,
+                                         params.seed, groups.of_record)
+            plan_problems += problems
+            for name, todo in extra.items():
+                jobs.setdefault(name, []).extend(todo)
+                for job in todo:
+                    rounds[job["round"]] = rounds.get(job["round"], 0) + 1
+        for problem in plan_problems:
+            log.warning("synthesize: %s", problem)
+        keys = [job["key"] for todo in jobs.values() for job in todo]
+        if len(set(keys)) != len(keys):  # two plans of the same round
+            dup = next(k for k, c in Counter(keys).items() if c > 1)
+            raise ValueError(f"synthesize.plan_from: key {dup} planned twice (two plans of "
+                             "the same round?)")
+    prior = _prior_rows(manifest) if p.reuse else {}
     if available and not sources:
         log.warning("synthesize: 0 forgeries planned: synthesize.max_sources is 0")
     elif sources:
@@ -454,13 +544,20 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
         size = spec.batch_size if gpu else max(1, min(spec.batch_size, params.executor.batch_size))
         res = Resources(cpus=1, gpus=spec.num_gpus if gpu else 0.0)
         factory = _Factory(name, spec, p, str(data_dir))
-        n_ok = 0
+        version = registry.generator_class(name).version
+        kept = [prior[j["key"]] for j in todo if _reusable(prior.get(j["key"]), j, name, version,
+                                                   data_dir)]
+        kept_keys = {r.key for r in kept}
+        todo = [j for j in todo if j["key"] not in kept_keys]
+        n_ok = sum(r.status == "ok" for r in kept)
+        forged += kept
         for rows in executor.map(factory, chunked(todo, size), res, desc=f"synthesize {name}"):
             for row in rows:
                 rec = Record(**row)
                 n_ok += rec.status == "ok"
                 forged.append(rec)
-        per_generator[name] = {"planned": len(todo), "ok": n_ok}
+        per_generator[name] = {"planned": len(todo) + len(kept), "ok": n_ok,
+                               "reused": len(kept)}
     with ManifestWriter(manifest) as w:
         for r in iter_records(inputs["manifest"]):
             w.write(r)
@@ -469,6 +566,10 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     metrics["sources"] = len(sources)
     metrics["per_generator"] = per_generator
     metrics["stand_ins"] = stand_ins = _stand_ins(forged)
+    if p.plan_from:
+        metrics["rounds"] = {str(k): v for k, v in sorted(rounds.items())}
+        metrics["plan_problems"] = plan_problems
+    metrics["reused"] = sum(v["reused"] for v in per_generator.values())
     if stand_ins:
         log.warning(
             "synthesize: %d forgeries come from random-weight stand-in models (%s): their "
@@ -480,6 +581,26 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
             ),
         )
     return metrics
+
+
+def _prior_rows(manifest: Path) -> dict[str, Record]:
+    """The forgeries of this stage's previous output, by key."""
+    if not manifest.exists():
+        return {}
+    return {r.key: r for r in iter_records(manifest) if r.kind == "synthesized"}
+
+
+def _reusable(r: Record | None, job: dict[str, Any], name: str, version: str,
+              data_dir: Path) -> bool:
+    if r is None or r.seed != job["seed"] or r.generator != name \
+            or r.generator_version != version or r.parent_key != job["source"]["key"]:
+        return False
+    if (r.donor_key or None) != ((job["donor"] or {}).get("key")):
+        return False
+    if r.status != "ok":
+        return r.status == "skipped"  # a deterministic refusal; errors are retried
+    files = [r.blob, r.requested_mask_blob]
+    return all(f is None or (data_dir / f).exists() for f in files)
 
 
 def _stand_ins(rows: list[Record]) -> dict[str, dict[str, int]]:

@@ -91,6 +91,10 @@ class TrainParams:
     train_sam_encoder: bool | None = None  # train SAM2's image encoder; None: the preset's
     trust_remote_code: bool = False
     resume: bool = True
+    # a model saved by an earlier run (its `data/train/model` folder): its weights start this
+    # run instead of the preset's; the architecture must match. The data loop continues each
+    # round's model this way.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         from pipeline.model import preset
@@ -235,6 +239,26 @@ def load_checkpoint(path: Path, model) -> tuple[dict[str, Any], dict[str, Any]]:
 # validation
 
 
+def init_weights(model, spec, path: Path) -> None:
+    """Loads a saved model's weights into `model` (built from `spec`), after checking that
+    both describe the same architecture."""
+    from safetensors.torch import load_model as load_st
+
+    from pipeline.model import SPEC, WEIGHTS
+
+    meta_path = Path(path) / SPEC
+    if not meta_path.exists() or not (Path(path) / WEIGHTS).exists():
+        raise FileNotFoundError(f"train.init_from {path}: not a model saved by train (needs "
+                                f"{SPEC} and {WEIGHTS})")
+    theirs = json.loads(meta_path.read_text()).get("spec", {})
+    ours = asdict(spec)
+    differ = sorted(k for k in ours if k != "seed" and k in theirs and theirs[k] != ours[k])
+    if differ:
+        raise ValueError(f"train.init_from {path}: its architecture differs from this run's in "
+                         + ", ".join(f"{k} ({theirs[k]!r} vs {ours[k]!r})" for k in differ))
+    load_st(model, str(Path(path) / WEIGHTS), strict=True, device="cpu")
+
+
 def pixel_f1(pred: np.ndarray, truth: np.ndarray) -> float:
     tp = float(np.logical_and(pred, truth).sum())
     fp = float(np.logical_and(pred, ~truth).sum())
@@ -375,6 +399,9 @@ def train_job(ctx: JobContext, config: dict[str, Any]) -> dict[str, Any] | None:
     if ck is not None:
         state, other = load_checkpoint(ck, model)
         log.info("resuming from %s (step %d)", ck, state["step"])
+    elif p.init_from:
+        init_weights(model, spec, params.resolve(p.init_from))
+        log.info("starting from the weights of %s", p.init_from)
     resumed_from = state["step"]
     torch.manual_seed(params.seed * 1000 + ctx.rank + state["step"])
 
@@ -509,7 +536,15 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     export = find_export(inputs["exports"], p.export)
     manifest = export / "manifest.parquet"
     manifest_sha = sha256_file(manifest) if manifest.exists() else "none"
-    fp = fingerprint(p, params.seed, manifest_sha)
+    if p.init_from:  # the starting weights are part of what is trained
+        from pipeline.model import WEIGHTS
+
+        init = params.resolve(p.init_from) / WEIGHTS
+        if not init.exists():
+            raise FileNotFoundError(f"train.init_from: no {init}")
+        fp = fingerprint(p, params.seed, manifest_sha + "+" + sha256_file(init))
+    else:
+        fp = fingerprint(p, params.seed, manifest_sha)
     model_dir = Path(out).resolve()
     ckroot = Path(inputs["checkpoints"]).resolve()
     if ckroot.exists():  # checkpoints of other runs cannot be resumed: start clean
