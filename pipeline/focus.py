@@ -150,7 +150,7 @@ def quotas(share: dict[str, float], budget: int) -> dict[str, int]:
 def _hamming(a: str | None, b: str | None) -> int:
     if not a or not b:
         return 1 << 20
-    return bin(int(a, 16) ^ int(b, 16)).count("1")
+    return (int(a, 16) ^ int(b, 16)).bit_count()
 
 
 def make_plan(params: Params, predictions: Path, worst: Path, manifest: Path, round_: int,

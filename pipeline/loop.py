@@ -20,7 +20,8 @@ detection rate and pixel F1 is paired by image, with percentile bootstrap interv
 
 Writes, under data_dir/loop/: `rounds/<arm>-NN/` (the round's `params.yaml`, which
 reproduces it with `python -m pipeline run --from synthesize --to evaluate --params ...`,
-its `plan.json`, `evaluate.json`, `train.json`, `predictions.parquet` and `model/`);
+its `plan.json`, `new_keys.json` (the forgeries it added), `evaluate.json`, `train.json`,
+`predictions.parquet` and `model/`);
 `metrics/loop.json` (per round and cell: test figures, new samples planned and made,
 budget spent; the comparison); `plots/loop.csv` and `plots/loop.png`.
 """
@@ -234,6 +235,7 @@ def finish_round(arm: Arm, r: int, params: Params, plan: dict[str, Any] | None,
     rows = synthesized(data / "split" / "manifest.parquet")
     new = [k for k in rows if k not in arm.known]
     made = Counter(rows[k]["generator"] for k in new if rows[k]["status"] == "ok")
+    (d / "new_keys.json").write_text(json.dumps(sorted(new)) + "\n")
     if r > 0:
         arm.spent.update(made)
     arm.known |= set(rows)
@@ -386,9 +388,9 @@ def plot(result: dict[str, Any], out: Path) -> Path:
     colors = {c: plt.cm.tab10(i % 10) for i, c in enumerate(cells)}
     styles = {"focus": "-", "uniform": "--"}
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
-    for ax, metric, title in ((axes[0], "detect_rate", "test: forgeries detected (score >= "
-                               "threshold)"),
-                              (axes[1], "pixel_f1", "test: pixel F1 (tampered images)")):
+    panels = ((axes[0], "detect_rate", "test: forgeries detected (score >= threshold)"),
+              (axes[1], "pixel_f1", "test: pixel F1 (tampered images)"))
+    for ax, metric, title in panels:
         drawn = 0
         for arm, rounds in arms.items():
             for c in cells:

@@ -25,8 +25,8 @@ MODULES: tuple[str, ...] = (
     "pipeline.export",
     "pipeline.train",
     "pipeline.evaluate",
-    "pipeline.report",
     "pipeline.focus",
+    "pipeline.report",
 )
 
 

@@ -8,6 +8,16 @@ still exercises every generator; the remaining slots are drawn by per-generator 
 per-domain weights from a random stream seeded by (global seed, source key). Each forgery's
 own seed derives from (global seed, forgery key).
 
+Rounds of the data loop (`plan_from`): each plan file (`pipeline.focus`) lists jobs
+(generator, source) of its round; they are forged on top of the stage's own plan, from
+`train` sources only (val and test stay fixed), with keys derived from (source, generator,
+round, job index), so no key repeats one of another round, and donors from train. With
+`reuse`, an earlier output row with the same key, seed, generator version, parent and donor
+(and whose files exist) is kept instead of forged again.
+
+Forged rows stream into the output manifest as workers return them (after the input rows,
+generator by generator), so memory does not grow with the number of forgeries.
+
 Per generator, the work runs through the executor: GPU generators as actors asking for
 `num_gpus` with their batch size, CPU ones as ordinary workers. After generation the stage
 pastes the source back outside the dilated edit region (local edits) and encodes the result
@@ -20,13 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import imagehash
 import numpy as np
@@ -533,39 +544,41 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
             )
         for reason in reasons if any(jobs.values()) else ():
             log.warning("synthesize: a generator got no work: %s", reason)
-    forged: list[Record] = []
+    # forged rows stream into the manifest as they come; only their counts stay in memory
+    summary: Counter = Counter()
     per_generator: dict[str, dict[str, int]] = {}
-    for name in p.generators:
-        todo = jobs.get(name, [])
-        if not todo:
-            continue
-        spec = p.generators[name]
-        gpu = spec.device.startswith("cuda")
-        size = spec.batch_size if gpu else max(1, min(spec.batch_size, params.executor.batch_size))
-        res = Resources(cpus=1, gpus=spec.num_gpus if gpu else 0.0)
-        factory = _Factory(name, spec, p, str(data_dir))
-        version = registry.generator_class(name).version
-        kept = [prior[j["key"]] for j in todo if _reusable(prior.get(j["key"]), j, name, version,
-                                                   data_dir)]
-        kept_keys = {r.key for r in kept}
-        todo = [j for j in todo if j["key"] not in kept_keys]
-        n_ok = sum(r.status == "ok" for r in kept)
-        forged += kept
-        for rows in executor.map(factory, chunked(todo, size), res, desc=f"synthesize {name}"):
-            for row in rows:
-                rec = Record(**row)
-                n_ok += rec.status == "ok"
-                forged.append(rec)
-        per_generator[name] = {"planned": len(todo) + len(kept), "ok": n_ok,
-                               "reused": len(kept)}
     with ManifestWriter(manifest) as w:
         for r in iter_records(inputs["manifest"]):
             w.write(r)
-        w.write_all(forged)
-    metrics = counts(forged)
+        for name in p.generators:
+            todo = jobs.get(name, [])
+            if not todo:
+                continue
+            spec = p.generators[name]
+            gpu = spec.device.startswith("cuda")
+            size = spec.batch_size if gpu else max(1, min(spec.batch_size,
+                                                          params.executor.batch_size))
+            res = Resources(cpus=1, gpus=spec.num_gpus if gpu else 0.0)
+            factory = _Factory(name, spec, p, str(data_dir))
+            version = registry.generator_class(name).version
+            kept = [prior[j["key"]] for j in todo
+                    if _reusable(prior.get(j["key"]), j, name, version, data_dir)]
+            kept_keys = {r.key for r in kept}
+            todo = [j for j in todo if j["key"] not in kept_keys]
+            n_ok = 0
+            batches = executor.map(factory, chunked(todo, size), res, desc=f"synthesize {name}")
+            for rec in itertools.chain(kept, (Record(**row) for rows in batches for row in rows)):
+                n_ok += rec.status == "ok"
+                summary[_Summary(rec.status, rec.domain, rec.operation, rec.generator,
+                                 rec.label, rec.split, rec.model_id)] += 1
+                w.write(rec)
+            per_generator[name] = {"planned": len(todo) + len(kept), "ok": n_ok,
+                                   "reused": len(kept)}
+    metrics = counts(k for k, c in summary.items() for _ in range(c))
     metrics["sources"] = len(sources)
     metrics["per_generator"] = per_generator
-    metrics["stand_ins"] = stand_ins = _stand_ins(forged)
+    metrics["stand_ins"] = stand_ins = _stand_ins(
+        k for k, c in summary.items() for _ in range(c))
     if p.plan_from:
         metrics["rounds"] = {str(k): v for k, v in sorted(rounds.items())}
         metrics["plan_problems"] = plan_problems
@@ -603,7 +616,19 @@ def _reusable(r: Record | None, job: dict[str, Any], name: str, version: str,
     return all(f is None or (data_dir / f).exists() for f in files)
 
 
-def _stand_ins(rows: list[Record]) -> dict[str, dict[str, int]]:
+class _Summary(NamedTuple):
+    """What the metrics count of a forged row."""
+
+    status: str | None
+    domain: str | None
+    operation: str | None
+    generator: str | None
+    label: str | None
+    split: str | None
+    model_id: str | None
+
+
+def _stand_ins(rows: Iterable[Any]) -> dict[str, dict[str, int]]:
     """{generator: {model_id: count}} of the ok rows a random-weight stand-in made."""
     from generators.diffusion import is_stand_in
 
