@@ -169,7 +169,12 @@ def make_plan(params: Params, predictions: Path, worst: Path, manifest: Path, ro
     names = [g for g in fits if fits[g]]
     unfit = sorted(set(fits) - set(names))
     if not names:
-        raise ValueError("focus: no generator with weight > 0 has a train source it can forge")
+        why = ("no generator with weight > 0 has a train source it can forge (train sources: "
+               f"{len(sources)}; generators: {', '.join(fits) or 'none'})")
+        log.warning("focus: an empty plan: %s", why)
+        return {"round": round_, "rule": rule, "set": p.set, "budget": p.budget,
+                "seed": params.seed, "empty": why, "cells": {}, "no_train_source": unfit,
+                "generators": {}, "domain_weights": {}, "jobs": []}
     preds = _read(predictions)
     if not any(r["set"] == p.set for r in preds):
         log.warning("focus: no evaluated images of set %r in %s: every cell scores alike "

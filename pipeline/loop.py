@@ -385,7 +385,8 @@ def plot(result: dict[str, Any], out: Path) -> Path:
     cells = sorted({c for rounds in arms.values() for rd in rounds for c in rd["cells"]
                     if c != "real"} | {c for rounds in arms.values() for rd in rounds
                                        for c in rd["spent"]})
-    colors = {c: plt.cm.tab10(i % 10) for i, c in enumerate(cells)}
+    cmap = plt.cm.tab10 if len(cells) <= 10 else plt.cm.tab20
+    colors = {c: cmap(i % cmap.N) for i, c in enumerate(cells)}
     styles = {"focus": "-", "uniform": "--"}
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
     panels = ((axes[0], "detect_rate", "test: forgeries detected (score >= threshold)"),
