@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -113,9 +114,63 @@ def run_steps(model, opt, sched, batches, steps: int, warmup: int, batch_size: i
     return steps * batch_size / (time.perf_counter() - t0), (time.process_time() - c0) / steps
 
 
+class Loaders:
+    """Polls /proc for the DataLoader worker processes (grandchildren: train starts them
+    from a forkserver, so RUSAGE_CHILDREN never sees them): their peak RSS (VmHWM) and CPU
+    seconds, as last seen before they exit (polled every 20 ms)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak_kib: dict[int, int] = {}
+        self.cpu_s: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        me, tick = os.getpid(), os.sysconf("SC_CLK_TCK")
+        while not self._stop.wait(0.02):
+            parent = {}
+            for d in os.listdir("/proc"):
+                if d.isdigit():
+                    try:
+                        stat = Path(f"/proc/{d}/stat").read_text()
+                        parent[int(d)] = (int(stat.rsplit(")", 1)[1].split()[1]), stat)
+                    except (OSError, IndexError, ValueError):
+                        pass
+            for pid, (ppid, stat) in parent.items():
+                if ppid in parent and parent[ppid][0] == me:  # a child of a child of ours
+                    fields = stat.rsplit(")", 1)[1].split()
+                    self.cpu_s[pid] = (int(fields[11]) + int(fields[12])) / tick
+                    try:
+                        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                            if line.startswith("VmHWM:"):
+                                self.peak_kib[pid] = max(self.peak_kib.get(pid, 0),
+                                                         int(line.split()[1]))
+                    except OSError:
+                        pass
+
+    def cpu(self) -> float:
+        return sum(self.cpu_s.values())
+
+    def peak(self) -> int:
+        return max(self.peak_kib.values(), default=0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+LOADERS: Loaders | None = None
+
+
 def children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+    """CPU seconds of the loader workers so far (see `Loaders`)."""
+    global LOADERS
+    if LOADERS is None:
+        LOADERS = Loaders()
+    return LOADERS.cpu()
 
 
 def throughput(tmp: Path, steps: int, per_shard: int, repeats: int, loader_workers: int) -> dict:
@@ -149,7 +204,7 @@ def throughput(tmp: Path, steps: int, per_shard: int, repeats: int, loader_worke
         cpu_full.append(cpu)
         del loader
         gc.collect()
-        time.sleep(0.5)  # the worker exits and is reaped: its CPU time lands in RUSAGE_CHILDREN
+        time.sleep(0.5)  # the worker's last CPU reading, before it exits
         produced = steps + 5 + 4 * max(1, loader_workers)  # consumed + warmup + prefetched
         cpu_loader.append((children_cpu() - before) / produced)
         p0 = replace(p, loader_workers=0)
@@ -190,6 +245,7 @@ def child(folder: Path, n_shards: int, per_shard: int, loader_workers: int) -> N
     p = replace(p, loader_workers=loader_workers)
     cfg = CropConfig(crop=model.spec.crop, vlm_size=model.vlm_size)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loaders = Loaders()
     steps = -(-n_shards * per_shard // p.batch_size)  # one epoch: every shard read
     loader = make_loader(shards, cfg, p)
     run_steps(model, opt, sched, iter(loader), steps, 0, p.batch_size)
@@ -200,7 +256,7 @@ def child(folder: Path, n_shards: int, per_shard: int, loader_workers: int) -> N
     time.sleep(0.5)
     print(json.dumps({"peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                       "base_rss_kib": base,
-                      "loader_peak_rss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+                      "loader_peak_rss_kib": loaders.peak(),
                       "steps": steps}))
 
 
