@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.presets import PRESETS, Preset, preset  # noqa: F401  (re-exported)
 from pipeline.views import normalize
 
 log = logging.getLogger(__name__)
@@ -48,35 +49,6 @@ FORMAT_VERSION = 1
 # float16 is left out: without loss scaling its gradients underflow
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Defaults of one preset; `TrainParams` fields left at None take these."""
-
-    vlm: str | None  # checkpoint (hub id or local path); None: built from a tiny config
-    sam: str | None
-    crop: int  # native-resolution crop side = SAM2's input size
-    dtype: str
-    lora: bool
-    train_vision: bool  # InternVL vision tower + projector
-    train_sam_encoder: bool
-    lr: float
-
-
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset(vlm=None, sam=None, crop=128, dtype="float32", lora=False,
-                   train_vision=True, train_sam_encoder=True, lr=1e-3),
-    "defakerone-2b": Preset(vlm="OpenGVLab/InternVL3-2B-hf", sam="facebook/sam2.1-hiera-large",
-                            crop=1024, dtype="bfloat16", lora=True, train_vision=False,
-                            train_sam_encoder=False, lr=1e-4),
-}
-
-
-def preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
-    return PRESETS[name]
 
 
 @dataclass(frozen=True)

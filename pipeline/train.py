@@ -97,7 +97,7 @@ class TrainParams:
     init_from: str | None = None
 
     def __post_init__(self) -> None:
-        from pipeline.model import preset
+        from pipeline.presets import preset
 
         preset(self.preset)
         positive = ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "val_every",

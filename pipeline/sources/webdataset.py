@@ -25,13 +25,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from webdataset.tariterators import base_plus_ext
-
 from pipeline.records import Record
 from pipeline.sources.base import Context, Failure, Reader, extensions_ok, nonempty
 from pipeline.sources.files import relative_uri
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif")
+def base_plus_ext(name: str) -> tuple[str | None, str | None]:
+    """webdataset's split of a member name into key and extension, imported when first used:
+    `import webdataset` pulls in torch (0.7 s), which every other command can do without."""
+    from webdataset.tariterators import base_plus_ext as split
+
+    return split(name)
+
+
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's own metadata members, skipped as it does
 _MAGIC = "*?[{"
 
