@@ -429,6 +429,51 @@ def encode_mask(mask: np.ndarray) -> bytes:
     return encode_gray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8))
 
 
+def encode_patch(base: np.ndarray, image: np.ndarray) -> bytes | None:
+    """`image` (H x W x 3 uint8) where it differs from `base` (same shape): an RGB PNG of the
+    box around every differing pixel, its place in a text chunk (`box`: x y w h H W). None
+    when nothing differs. `apply_patch(base, patch)` gives `image` back, bit for bit."""
+    import cv2
+
+    if image.shape != base.shape:
+        raise ValueError(f"patch of {image.shape} over a base of {base.shape}")
+    changed = cv2.absdiff(np.ascontiguousarray(image), np.ascontiguousarray(base)).max(axis=2)
+    x, y, w, h = cv2.boundingRect(changed)
+    if not w or not h:
+        return None
+    info = PngImagePlugin.PngInfo()
+    info.add_text("box", f"{x} {y} {w} {h} {base.shape[1]} {base.shape[0]}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image[y : y + h, x : x + w], dtype=np.uint8), "RGB").save(
+        buf, "PNG", compress_level=1, pnginfo=info
+    )
+    return buf.getvalue()
+
+
+def apply_patch(base: np.ndarray, patch: bytes) -> np.ndarray:
+    """A copy of `base` with the `encode_patch` bytes `patch` pasted at their box; a patch
+    made for another image size, or whose box does not fit, raises ValueError."""
+    with Image.open(io.BytesIO(patch)) as im:
+        im.load()
+        box = im.info.get("box")
+        pixels = np.asarray(im.convert("RGB"))
+    try:
+        x, y, w, h, full_w, full_h = (int(v) for v in str(box).split())
+    except ValueError:
+        raise ValueError(f"patch without a valid box: {box!r}") from None
+    if (full_h, full_w) != base.shape[:2]:
+        raise ValueError(
+            f"patch made for {full_w}x{full_h}, image is {base.shape[1]}x{base.shape[0]}"
+        )
+    if pixels.shape[:2] != (h, w) or x < 0 or y < 0 or x + w > full_w or y + h > full_h:
+        raise ValueError(
+            f"patch of {pixels.shape[1]}x{pixels.shape[0]} does not fit box {box!r}"
+        )
+    out = base.copy()
+    out[y : y + h, x : x + w] = pixels
+    return out
+
+
 def tag_orientation(png: bytes, orientation: int | None) -> bytes:
     """The mask PNG `png` carrying EXIF orientation `orientation` (an eXIf chunk), so that
     readers which apply EXIF orientation (PIL `exif_transpose`, Hugging Face `datasets`,

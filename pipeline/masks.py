@@ -35,6 +35,14 @@ the forged file against its original (`derive`, `derive_mask`). A mask is what c
    region's area, lossy regions below `min_component` of the largest dropped. No size is a
    fraction of the image: one word changed on a 5000 x 7000 scan keeps its pixels.
 
+4. **The edit as made**: a forgery this project encoded with a lossy codec (a JPEG source's
+   tables, lossy WebP) comes with its pixels before encoding where they differ from the
+   source (synthesize's `precodec_blob`). The mask is then the lossless mask of those pixels
+   (the edit, without the codec's echo), as long as it and the file's own mask lie within
+   `precodec_reach` pixels of each other (else the file's mask, with a warning); the file still
+   decides whether the change is visible. Forgeries from outside (`pairs`, `forensic`)
+   have only their file.
+
 Per-pixel work runs in cache-sized horizontal strips of uint8 OpenCV calls; nothing is
 float at full resolution (bench/bench_masks.py).
 
@@ -47,6 +55,7 @@ was measured; rejected rows stay in the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -61,7 +70,14 @@ import numpy as np
 from PIL import Image
 
 from pipeline.executor import Executor, Resources, chunked
-from pipeline.imageio import decode, decode_mask, encode_gray, encode_mask, write_bytes
+from pipeline.imageio import (
+    apply_patch,
+    decode,
+    decode_mask,
+    encode_gray,
+    encode_mask,
+    write_bytes,
+)
 from pipeline.params import Params
 from pipeline.records import ManifestWriter, Record, counts, iter_records
 from pipeline.stage import Stage
@@ -125,12 +141,17 @@ class MasksParams:
     min_quality: float = 0.0  # below: low_quality (0 disables)
     max_leak: float = 0.5  # share of the mask outside the dilated requested region
     leak_margin: float = 0.03  # dilation of the requested region, fraction of shorter side
+    # the forged pixels as made, before a lossy codec (synthesize's `precodec_blob`)
+    precodec: bool = True  # derive the mask from them where they agree with the file
+    precodec_reach: int = 16  # pixels: how far a codec's echo reaches (a 4:2:0 JPEG MCU)
+    precodec_tolerance: float = 0.1  # share of either mask allowed beyond that reach of the other
     check_synthetic: bool = True  # decode synthetic rows and reject constant/black outputs
     keep_diff: bool = False  # write the soft difference map (shipped as <key>.diff.png)
 
     def __post_init__(self) -> None:
         fractions = ("relative", "relative_lossy", "density", "max_hole", "min_component",
-                     "full_cover", "max_area", "min_quality", "max_leak", "leak_margin")
+                     "full_cover", "max_area", "min_quality", "max_leak", "leak_margin",
+                     "precodec_tolerance")
         for name in fractions:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -142,7 +163,7 @@ class MasksParams:
             if v < 0:
                 raise ValueError(f"masks.{name}: {v!r} is not allowed; allowed: >= 0")
         pixels = ("exact_block", "relative_reach", "interior_blocks", "block", "close_px",
-                  "close_px_lossless", "min_changed_pixels", "min_pixels")
+                  "close_px_lossless", "min_changed_pixels", "min_pixels", "precodec_reach")
         for name in pixels:
             v = getattr(self, name)
             if v < 0:
@@ -528,6 +549,38 @@ def derive_mask(
     )
 
 
+def edit_as_made(original: np.ndarray, made: np.ndarray, d: Derivation,
+                 p: MasksParams | None = None) -> tuple[Derivation, str | None]:
+    """The derivation of a lossy forgery whose pixels before encoding (`made`) are known, and
+    None; or `d` (the file's own derivation) and why `made` was not used.
+
+    The mask is the lossless mask of `made` against `original`: the edit, without the
+    codec's echo around it. The file still says whether the change is visible
+    (`changed_pixels`, `noise`, `threshold`, `diff` are `d`'s). `made` belongs to other pixels
+    (another decoder, another original) when it changed the whole frame and the file did not,
+    or when more than `precodec_tolerance` of either mask lies further than `precodec_reach`
+    pixels from the other."""
+    p = p or MasksParams()
+    e = derive_mask(original, made, p, Codec("lossless"))
+    if not e.changed_pixels:
+        return d, "the pixels as made do not differ from the original"
+    if e.regenerated and not d.regenerated:
+        return d, (f"the pixels as made changed {e.cover:.0%} of the tiles, the file "
+                   f"{d.cover:.0%}: they were made from other pixels than the original's")
+    reach = p.precodec_reach / min(original.shape[:2])
+    for a, b, what in ((d.mask, e.mask, "the file's mask lies more than {} pixels from the "
+                        "edit as made"),
+                       (e.mask, d.mask, "the edit as made lies more than {} pixels from the "
+                        "file's mask")):
+        away = leak_fraction(a, b, reach)
+        if away > p.precodec_tolerance:
+            return d, (f"{away:.0%} of {what.format(p.precodec_reach)} "
+                       f"(precodec_tolerance {p.precodec_tolerance:.0%})")
+    return dataclasses.replace(
+        e, diff=d.diff, noise=d.noise, threshold=d.threshold, changed=d.changed,
+        changed_pixels=d.changed_pixels, codec=f"{d.codec}, edit known before encoding"), None
+
+
 _STRIP = 1 << 17  # pixels per strip of the per-pixel pass: its arrays stay in cache
 
 
@@ -820,6 +873,8 @@ class _Worker:
             return _reject(r, "degenerate_output", why)
         d = derive_mask(original, forged, p, codec_of(original, forged_bytes, p.codec_twin))
         del forged_bytes
+        if r.precodec_blob and p.precodec:
+            d = self.known_edit(r, original, d)
         h, w = forged.shape[:2]
         rel_mask = _rel(self.out / "masks" / f"{r.key}.png", self.data)
         write_bytes(self.data / rel_mask, _encode_mask(d.mask))
@@ -850,6 +905,19 @@ class _Worker:
                        mask_leak=leak)
         r = r.replace(**changes)
         return self.filter(r, d, original, forged, leak)
+
+    def known_edit(self, r: Record, original: np.ndarray, d: Derivation) -> Derivation:
+        """`d`, or the mask of the pixels as made (`precodec_blob`) where they agree."""
+        try:
+            made = apply_patch(original, self._read(r.precodec_blob))
+        except Exception as e:  # noqa: BLE001
+            log.warning("masks: %s pixels before encoding unusable (%s: %s); the mask is the "
+                        "file's", r.key, type(e).__name__, e)
+            return d
+        known, why = edit_as_made(original, made, d, self.p)
+        if why:
+            log.warning("masks: %s: %s; the mask is the file's", r.key, why)
+        return known
 
     def filter(self, r: Record, d: Derivation, original: np.ndarray, forged: np.ndarray,
                leak: float | None) -> Record:

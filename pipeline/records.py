@@ -60,6 +60,7 @@ class Record:
     blob: str | None = None  # image bytes, relative to data_dir
     mask_blob: str | None = None  # final 0/255 PNG mask, relative to data_dir
     requested_mask_blob: str | None = None  # region a generator was asked to change
+    precodec_blob: str | None = None  # lossy forgery: pixels before encoding, where changed
     diff_blob: str | None = None  # soft difference map (PNG), when kept
     parent_key: str | None = None  # the real sample a forgery or edited pair came from
     parent_blob: str | None = None  # that sample's bytes, for differencing
@@ -110,8 +111,8 @@ SCHEMA = pa.schema(
     [pa.field(f.name, _arrow_type(f.type)) for f in dataclasses.fields(Record)]
 )
 FIELDS = tuple(f.name for f in dataclasses.fields(Record))
-_PRIVATE = ("blob", "mask_blob", "requested_mask_blob", "diff_blob", "parent_blob",
-            "local_path", "phash_variants")
+_PRIVATE = ("blob", "mask_blob", "requested_mask_blob", "precodec_blob", "diff_blob",
+            "parent_blob", "local_path", "phash_variants")
 _PUBLIC = tuple(name for name in FIELDS if name not in _PRIVATE)
 
 

@@ -23,7 +23,10 @@ Per generator, the work runs through the executor: GPU generators as actors aski
 pastes the source back outside the dilated edit region (local edits) and encodes the result
 the way its source is encoded (`pipeline.imageio.encode_like`: container, mode, JPEG tables
 and subsampling, metadata), so that nothing in the file but the forgery tells it from a real
-image. Full syntheses ship at the size their generator made them.
+image. Full syntheses ship at the size their generator made them. Where that codec is lossy
+(JPEG, lossy WebP, a palette), the forged pixels as made are kept where they differ from the
+source (`precodec_blob`, a PNG patch of that box; never shipped), so `masks` knows the edit
+apart from the codec's echo around it.
 """
 
 from __future__ import annotations
@@ -465,6 +468,14 @@ class _Worker:
         sha = hashlib.sha256(enc.data).hexdigest()
         blob = f"synthesize/blobs/{job['key']}.{enc.ext}"
         imageio.write_bytes(self.data_dir / blob, enc.data)
+        precodec = None
+        if local and not np.array_equal(imageio.decode(enc.data), img):
+            # a lossy codec moved pixels: the edit as made is kept where it changed the
+            # source, so masks can tell the edit from the codec's echo around it
+            patch = imageio.encode_patch(s.image, img)
+            if patch is not None:
+                precodec = f"synthesize/precodec/{job['key']}.png"
+                imageio.write_bytes(self.data_dir / precodec, patch)
         requested = None
         if local and f.mask_known:
             requested = f"synthesize/requested/{job['key']}.png"
@@ -493,6 +504,7 @@ class _Worker:
             exif_orientation=src.exif_orientation if enc.notes.get("exif") else None,
             blob=blob,
             requested_mask_blob=requested,
+            precodec_blob=precodec,
         )
         if f.label == "synthetic":
             return rec.replace(mask_source="full")
@@ -612,7 +624,7 @@ def _reusable(r: Record | None, job: dict[str, Any], name: str, version: str,
         return False
     if r.status != "ok":
         return r.status == "skipped"  # a deterministic refusal; errors are retried
-    files = [r.blob, r.requested_mask_blob]
+    files = [r.blob, r.requested_mask_blob, r.precodec_blob]
     return all(f is None or (data_dir / f).exists() for f in files)
 
 

@@ -388,6 +388,7 @@ class Case:
     forged_bytes: bytes
     truth: np.ndarray  # H x W bool
     source: str  # "drawn" or "generator"
+    made: np.ndarray | None = None  # the forged pixels before saving (what synthesize keeps)
 
     @property
     def forged(self) -> np.ndarray:
@@ -464,7 +465,8 @@ def cases(which: str, codecs: tuple[str, ...] = CODECS) -> Iterator[Case]:
                 continue
             if not visible(o, forged, truth):
                 continue
-            yield Case(f"{name}/{kind}/{seed}", name, kind, codec, o, ob, fb, truth, source)
+            yield Case(f"{name}/{kind}/{seed}", name, kind, codec, o, ob, fb, truth, source,
+                       forged)
 
 
 def _casia_size(img: np.ndarray) -> np.ndarray:
