@@ -429,15 +429,18 @@ def encode_mask(mask: np.ndarray) -> bytes:
     return encode_gray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8))
 
 
-def encode_patch(base: np.ndarray, image: np.ndarray) -> bytes | None:
+def encode_patch(base: np.ndarray, image: np.ndarray, max_share: float = 1.0) -> bytes | None:
     """`image` (H x W x 3 uint8) where it differs from `base` (same shape): an RGB PNG of the
     box around every differing pixel, its place in a text chunk (`box`: x y w h H W). None
-    when nothing differs. `apply_patch(base, patch)` gives `image` back, bit for bit."""
+    when nothing differs, or when more than `max_share` of the pixels differ.
+    `apply_patch(base, patch)` gives `image` back, bit for bit."""
     import cv2
 
     if image.shape != base.shape:
         raise ValueError(f"patch of {image.shape} over a base of {base.shape}")
     changed = cv2.absdiff(np.ascontiguousarray(image), np.ascontiguousarray(base)).max(axis=2)
+    if cv2.countNonZero(changed) > max_share * changed.size:
+        return None
     x, y, w, h = cv2.boundingRect(changed)
     if not w or not h:
         return None

@@ -25,8 +25,8 @@ the way its source is encoded (`pipeline.imageio.encode_like`: container, mode, 
 and subsampling, metadata), so that nothing in the file but the forgery tells it from a real
 image. Full syntheses ship at the size their generator made them. Where that codec is lossy
 (JPEG, lossy WebP, a palette), the forged pixels as made are kept where they differ from the
-source (`precodec_blob`, a PNG patch of that box; never shipped), so `masks` knows the edit
-apart from the codec's echo around it.
+source (`precodec_blob`, a PNG patch of that box; never shipped; not when over half the
+pixels changed), so `masks` knows the edit apart from the codec's echo around it.
 """
 
 from __future__ import annotations
@@ -471,8 +471,9 @@ class _Worker:
         precodec = None
         if local and not np.array_equal(imageio.decode(enc.data), img):
             # a lossy codec moved pixels: the edit as made is kept where it changed the
-            # source, so masks can tell the edit from the codec's echo around it
-            patch = imageio.encode_patch(s.image, img)
+            # source, so masks can tell the edit from the codec's echo around it (not when
+            # most of the frame changed: that mask is full, the file says so alone)
+            patch = imageio.encode_patch(s.image, img, max_share=0.5)
             if patch is not None:
                 precodec = f"synthesize/precodec/{job['key']}.png"
                 imageio.write_bytes(self.data_dir / precodec, patch)

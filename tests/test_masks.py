@@ -169,6 +169,8 @@ def test_patch_round_trip_and_bad_patches():
     with Image.open(io.BytesIO(patch)) as im:
         assert im.size == (25, 20)  # only the box that changed
     assert encode_patch(base, base.copy()) is None
+    assert encode_patch(base, edited, max_share=0.01) is None  # 500 of 26,600 pixels changed
+    assert encode_patch(base, edited, max_share=0.02) is not None
     with pytest.raises(ValueError, match="patch made for"):
         apply_patch(base[:, :150], patch)
     with pytest.raises(ValueError, match="valid box"):
