@@ -941,8 +941,10 @@ def _conform(batch: pa.RecordBatch) -> dict[str, pa.Array]:
 def write_plan(src: str | os.PathLike, out: Path, pl: Plan, keep_duplicates: bool) -> None:
     """Streams the manifest with the plan applied into out/manifest.parquet and
     out/groups.parquet, batch by batch, column operations only."""
-    tmp = out / ".manifest.parquet.tmp"
-    gtmp = out / ".groups.parquet.tmp"
+    for stale in [*out.glob(".manifest.parquet.*.tmp"), *out.glob(".groups.parquet.*.tmp")]:
+        stale.unlink(missing_ok=True)  # a killed run's (the data_dir lock keeps runs apart)
+    tmp = out / f".manifest.parquet.{os.getpid()}.tmp"  # unique: two writers never share one
+    gtmp = out / f".groups.parquet.{os.getpid()}.tmp"
     gschema = pa.schema([("key", pa.string()), ("group_id", pa.string()),
                          ("representative", pa.bool_()), ("duplicate_of", pa.string())])
     keys_of_rep: dict[int, str] = {}

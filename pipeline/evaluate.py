@@ -874,7 +874,7 @@ STAGE = Stage(
          "benchmarks: metrics/evaluate.json, ROC/PR plots, data/evaluate/worst.parquet",
     params=EvaluateParams,
     run=run,
-    reads=("manifest", "model", "exports"),
+    reads=("manifest", "model", "exports", "ingest"),  # ingest: benchmark images and masks
     writes={"evaluate": "evaluate"},
     uses=("seed", "train.export"),
     code=("pipeline/predict.py", "pipeline/model.py", "pipeline/views.py",

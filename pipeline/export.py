@@ -447,7 +447,7 @@ class _Imdl:
             mask = f"{split}/masks/full-{r.width}x{r.height}.png"
             if mask not in self.full:
                 self.full.add(mask)
-                tmp = self.root / f"{mask}.tmp"
+                tmp = self.root / f"{mask}.{os.getpid()}.tmp"
                 tmp.parent.mkdir(parents=True, exist_ok=True)
                 tmp.write_bytes(full_mask(r, 255))
                 os.replace(tmp, self.root / mask)
@@ -455,18 +455,21 @@ class _Imdl:
         if f is None:
             self.root.mkdir(parents=True, exist_ok=True)
             # one file per split, open while the samples stream by; closed in close()
-            f = self.files[split] = open(self.root / f".{split}.json.tmp", "w")  # noqa: SIM115
+            f = self.files[split] = open(self._tmp(split), "w")  # noqa: SIM115
             f.write("[\n")
         else:
             f.write(",\n")
         f.write(json.dumps([image, mask]))
         self.counts[split] += 1
 
+    def _tmp(self, split: str) -> Path:
+        return self.root / f".{split}.json.{os.getpid()}.tmp"
+
     def close(self) -> dict[str, int]:
         for split, f in self.files.items():
             f.write("\n]\n")
             f.close()
-            os.replace(self.root / f".{split}.json.tmp", self.root / f"{split}.json")
+            os.replace(self._tmp(split), self.root / f"{split}.json")
         return dict(sorted(self.counts.items()))
 
 

@@ -79,6 +79,9 @@ class Encoded:
     ext: str  # file extension we ship: jpg, png, webp, bmp, gif, tif, ...
     mode: str  # PIL mode of the encoded image
     notes: dict[str, Any] = field(default_factory=dict)  # what was kept; `unmatched`: why not
+    # the RGB pixels the file holds before its codec (in its mode: grey, palette, alpha as
+    # `decode` shows them); where `decode(data)` differs, the codec is lossy
+    made: np.ndarray | None = field(default=None, repr=False)
 
 
 # zlib FLEVEL (bits 6-7 of a PNG's first IDAT's second byte) -> a compression level writing it
@@ -405,7 +408,7 @@ def encode_like(image: np.ndarray, source: bytes, base: np.ndarray | None = None
     if save_fmt == "JPEG" and ext == "jpg" and not has_jfif:
         data = _drop_jfif(data)
     notes["container"], notes["mode"] = ext, img.mode
-    return Encoded(data, ext, img.mode, notes)
+    return Encoded(data, ext, img.mode, notes, to_rgb(img))
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -1,4 +1,4 @@
-"""Ingest: every source kind of INTERFACE.md into one manifest, original bytes kept as-is.
+"""Ingest: every source kind of docs/INTERFACE.md into one manifest, original bytes kept as-is.
 
 The kinds live in `pipeline/sources/` (one reader class per kind); this module lists their
 work units, runs them on the executor and gives readers a `Context` that turns bytes into

@@ -561,24 +561,40 @@ def edit_as_made(original: np.ndarray, made: np.ndarray, d: Derivation,
     or when more than `precodec_tolerance` of either mask lies further than `precodec_reach`
     pixels from the other."""
     p = p or MasksParams()
+    if d.codec == "lossless":
+        return d, "the file is lossless: its own mask is the edit"
     e = derive_mask(original, made, p, Codec("lossless"))
     if not e.changed_pixels:
         return d, "the pixels as made do not differ from the original"
     if e.regenerated and not d.regenerated:
         return d, (f"the pixels as made changed {e.cover:.0%} of the tiles, the file "
                    f"{d.cover:.0%}: they were made from other pixels than the original's")
-    reach = p.precodec_reach / min(original.shape[:2])
     for a, b, what in ((d.mask, e.mask, "the file's mask lies more than {} pixels from the "
                         "edit as made"),
                        (e.mask, d.mask, "the edit as made lies more than {} pixels from the "
                         "file's mask")):
-        away = leak_fraction(a, b, reach)
+        away = _farther(a, b, p.precodec_reach)
         if away > p.precodec_tolerance:
             return d, (f"{away:.0%} of {what.format(p.precodec_reach)} "
                        f"(precodec_tolerance {p.precodec_tolerance:.0%})")
     return dataclasses.replace(
         e, diff=d.diff, noise=d.noise, threshold=d.threshold, changed=d.changed,
         changed_pixels=d.changed_pixels, codec=f"{d.codec}, edit known before encoding"), None
+
+
+def _farther(a: np.ndarray, b: np.ndarray, reach: int) -> float:
+    """Share of `a`'s pixels further than `reach` pixels from `b` (both H x W bool), measured
+    in the box around both: the cost follows the masks, not the image."""
+    n = np.count_nonzero(a)
+    if not n:
+        return 0.0
+    h, w = a.shape
+    x, y, bw, bh = cv2.boundingRect(cv2.bitwise_or(a.view(np.uint8), b.view(np.uint8)))
+    x0, y0 = max(0, x - reach - 1), max(0, y - reach - 1)
+    x1, y1 = min(w, x + bw + reach + 1), min(h, y + bh + reach + 1)
+    near = cv2.dilate(b[y0:y1, x0:x1].view(np.uint8),
+                      cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1,) * 2))
+    return np.count_nonzero(a[y0:y1, x0:x1] & (near == 0)) / n
 
 
 _STRIP = 1 << 17  # pixels per strip of the per-pixel pass: its arrays stay in cache

@@ -28,7 +28,7 @@ SPLITS = ("train", "val", "test", "test_ood")
 
 @dataclass(slots=True)
 class Record:
-    """One sample. The fields before `uri` are the public surface (INTERFACE.md)."""
+    """One sample. The fields before `uri` are the public surface (docs/INTERFACE.md)."""
 
     key: str
     source: str

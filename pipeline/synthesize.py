@@ -24,9 +24,9 @@ pastes the source back outside the dilated edit region (local edits) and encodes
 the way its source is encoded (`pipeline.imageio.encode_like`: container, mode, JPEG tables
 and subsampling, metadata), so that nothing in the file but the forgery tells it from a real
 image. Full syntheses ship at the size their generator made them. Where that codec is lossy
-(JPEG, lossy WebP, a palette), the forged pixels as made are kept where they differ from the
-source (`precodec_blob`, a PNG patch of that box; never shipped; not when over half the
-pixels changed), so `masks` knows the edit apart from the codec's echo around it.
+(JPEG, lossy WebP), the forged pixels as made (in the file's mode) are kept where they differ
+from the source (`precodec_blob`, a PNG patch of that box; never shipped; not when over half
+the pixels changed), so `masks` knows the edit apart from the codec's echo around it.
 """
 
 from __future__ import annotations
@@ -469,11 +469,13 @@ class _Worker:
         blob = f"synthesize/blobs/{job['key']}.{enc.ext}"
         imageio.write_bytes(self.data_dir / blob, enc.data)
         precodec = None
-        if local and not np.array_equal(imageio.decode(enc.data), img):
-            # a lossy codec moved pixels: the edit as made is kept where it changed the
-            # source, so masks can tell the edit from the codec's echo around it (not when
-            # most of the frame changed: that mask is full, the file says so alone)
-            patch = imageio.encode_patch(s.image, img, max_share=0.5)
+        made = enc.made if enc.made is not None else img
+        if local and made.shape == s.image.shape and not np.array_equal(
+                imageio.decode(enc.data), made):
+            # a lossy codec moved pixels: the edit as made (in the file's mode) is kept where
+            # it changed the source, so masks can tell the edit from the codec's echo around
+            # it (not when most of the frame changed: that mask is full, the file says so)
+            patch = imageio.encode_patch(s.image, made, max_share=0.5)
             if patch is not None:
                 precodec = f"synthesize/precodec/{job['key']}.png"
                 imageio.write_bytes(self.data_dir / precodec, patch)

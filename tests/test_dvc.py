@@ -59,15 +59,19 @@ def repo(tmp_path_factory) -> Path:
         spec["weight"] = 1.0 if name in ("copy_move", "removal") else 0.0
     params["split"]["ratios"] = {"train": 1.0}
     # mappings merge with the defaults key by key: `null` removes the default export
+    balanced = params["export"]["exports"]["balanced"]
     params["export"]["exports"] = {"balanced": None,
-                                   "sweep": {**params["export"]["exports"]["balanced"],
-                                             "fractions": [1.0], "imdl": False}}
+                                   "sweep": {**balanced, "fractions": [1.0], "imdl": False},
+                                   # nested fractions over small shards: links between them
+                                   "nested": {**balanced, "fractions": [0.5, 1.0], "imdl": False,
+                                              "balance": False, "max_count": 2}}
     params["train"].update(export="sweep", steps=2, checkpoint_every=2, val_every=2,
                            val_max_images=1, loader_workers=0)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / ".gitignore").write_text("__pycache__/\n")
     _sh("git", "init", "-q", "-b", "main", cwd=repo)
     _sh("dvc", "init", "-q", cwd=repo)
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # the project's cache links
     _sh("git", "add", "-A", cwd=repo)
     _sh("git", "commit", "-qm", "tiny corpus", cwd=repo)
     return repo
@@ -81,6 +85,18 @@ def test_dvc_repro_twice_second_does_nothing(repo):
     second = _sh("dvc", "repro", cwd=repo)
     assert "Running stage" not in second, second
     assert "up to date" in second.lower() or "didn't change" in second
+    # nested fractions share their shards on disk after DVC has cached them (the project's
+    # .dvc/config links outputs to the cache instead of copying them)
+    half = sorted((repo / "data" / "exports" / "nested-50pct" / "train").glob("*.tar"))
+    assert half
+    for tar in half:
+        full = repo / "data" / "exports" / "nested-100pct" / "train" / tar.name
+        assert full.exists() and tar.stat().st_ino == full.stat().st_ino, tar.name
+    # the model the pipeline trained loads with one function
+    from pipeline.model import load_model
+
+    model = load_model(repo / "data" / "train" / "model")
+    assert model is not None
     _sh("git", "add", "-A", cwd=repo)
     _sh("git", "commit", "-qm", "baseline", cwd=repo)
 

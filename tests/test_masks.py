@@ -33,6 +33,7 @@ from pipeline.masks import (
     REASONS,
     MasksParams,
     _clean,
+    _farther,
     codec_of,
     derive,
     derive_mask,
@@ -175,6 +176,32 @@ def test_patch_round_trip_and_bad_patches():
         apply_patch(base[:, :150], patch)
     with pytest.raises(ValueError, match="valid box"):
         apply_patch(base, _png(edited[:20, :25]))
+
+
+def test_a_lossless_file_keeps_its_own_mask():
+    """Pixels as made that the file does not hold (made transparent by the source's alpha,
+    mapped to one palette entry) never widen the mask of a lossless file."""
+    base = mc.fit(skdata.chelsea(), 200)
+    edited = base.copy()
+    edited[40:60, 70:95] = 255 - edited[40:60, 70:95]
+    made = edited.copy()
+    made[40:60, 95:110] = 0  # edited too, but invisible in the file
+    d = derive(base, _png(edited))
+    known, why = edit_as_made(base, made, d)
+    assert known is d and "lossless" in why
+    assert d.mask[40:60, 70:95].all() and not d.mask[40:60, 100:110].any()
+
+
+def test_farther_counts_only_what_lies_beyond_the_reach():
+    a = np.zeros((3000, 4000), bool)
+    b = np.zeros_like(a)
+    b[1000:1100, 2000:2100] = True
+    a[1000:1100, 2000:2100] = True
+    a[1000:1100, 2110:2115] = True  # 10 to 14 px away
+    a[1000:1100, 2140:2150] = True  # 40 to 49 px away
+    share = _farther(a, b, 16)
+    assert share == pytest.approx(1000 / (10000 + 500 + 1000))
+    assert _farther(a, b, 60) == 0.0 and _farther(np.zeros_like(a), b, 16) == 0.0
 
 
 def test_stage_falls_back_to_the_file_when_the_patch_is_bad(tmp_path, caplog):
