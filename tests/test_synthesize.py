@@ -7,6 +7,7 @@ generators and forgeries per source, unsuitable sources recorded as `skipped`.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -613,8 +614,9 @@ def test_donors_come_from_their_sources_split():
 def test_ray_and_local_backends_give_the_same_bytes(tmp_path, corpus):
     """Issue 17 point 10: the diffusers generators that moved by one level between thread
     counts (Ray workers run with one thread, a local run with all cores) give the same
-    forgeries on both backends."""
-    got = {}
+    forgeries on both backends, and every file the run ships (shards, exports, the final
+    manifest) has the same bytes."""
+    got, shipped = {}, {}
     for backend in ("local", "ray"):
         path = tmp_path / f"{backend}.yaml"
         path.write_text(yaml.safe_dump({
@@ -625,12 +627,22 @@ def test_ray_and_local_backends_give_the_same_bytes(tmp_path, corpus):
                                               inpaint=1), "per_source": 2},
         }))  # fmt: skip
         out = subprocess.run(
-            [sys.executable, "-m", "pipeline", "run", "--params", str(path), "--to", "synthesize"],
+            [sys.executable, "-m", "pipeline", "run", "--params", str(path), "--to", "export"],
             capture_output=True, text=True, cwd=tmp_path, timeout=600,
             env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""},
         )  # fmt: skip
         assert out.returncode == 0, out.stderr[-3000:]
         rows = read_records(tmp_path / backend / "synthesize" / "manifest.parquet")
         got[backend] = {r.key: (r.status, r.sha256) for r in rows if r.stage == "synthesize"}
+        data = tmp_path / backend
+        shipped[backend] = {
+            str(f.relative_to(data)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted([data / "manifest.parquet", *data.glob("shards/**/*"),
+                             *data.glob("exports/**/*")])
+            if f.is_file()}
     assert got["local"] == got["ray"]
+    assert len(shipped["local"]) > 10
+    differ = sorted(k for k in shipped["local"].keys() | shipped["ray"].keys()
+                    if shipped["local"].get(k) != shipped["ray"].get(k))
+    assert not differ, differ
     assert sum(s == "ok" for s, _ in got["local"].values()) >= 8
