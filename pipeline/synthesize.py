@@ -223,8 +223,8 @@ def plan(sources: list[Record], p: SynthesizeParams, seed: int,
             key = content_key(src.key, name)
             jobs[name].append(
                 {
-                    "source": src.to_dict(),
-                    "donor": donor.to_dict() if donor is not None else None,
+                    "source": src,  # the planner's own Record: no copy per job
+                    "donor": donor,
                     "key": key,
                     "seed": derive_seed(seed, key),
                 }
@@ -290,7 +290,7 @@ def plan_round(plan: dict[str, Any], sources: dict[str, Record], p: SynthesizePa
             pool = [d for d in by_domain.get(info.donor_domain or src.domain, []) if d.key != src.key]
             if pool:
                 donor = pool[derive_seed(seed, key, "donor") % len(pool)]
-        jobs[name].append({"source": src.to_dict(), "donor": donor.to_dict() if donor else None,
+        jobs[name].append({"source": src, "donor": donor,
                            "key": key, "seed": derive_seed(seed, key), "round": r})
     return dict(jobs), problems
 
@@ -372,11 +372,11 @@ class _Worker:
     def __call__(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         prepared, out = [], {}
         for job in jobs:
-            src = Record(**job["source"])
+            src = job["source"]
             try:
                 s, data = _source(src, self.data_dir, job["seed"])
                 if job["donor"]:
-                    s.donor, _ = _source(Record(**job["donor"]), self.data_dir, job["seed"])
+                    s.donor, _ = _source(job["donor"], self.data_dir, job["seed"])
                 prepared.append((job, src, s, data))
             except Exception as e:  # noqa: BLE001 - recorded on the row
                 out[job["key"]] = self._failed(
@@ -433,7 +433,7 @@ class _Worker:
             parent_key=src.key,
             stage="synthesize",
             # a splice or face swap carries the donor's pixels: split keeps both groups together
-            donor_key=job["donor"]["key"] if job.get("donor") else None,
+            donor_key=job["donor"].key if job.get("donor") else None,
         )
 
     def _failed(self, job, src, status, error) -> Record:
@@ -621,9 +621,9 @@ def _prior_rows(manifest: Path) -> dict[str, Record]:
 def _reusable(r: Record | None, job: dict[str, Any], name: str, version: str,
               data_dir: Path) -> bool:
     if r is None or r.seed != job["seed"] or r.generator != name \
-            or r.generator_version != version or r.parent_key != job["source"]["key"]:
+            or r.generator_version != version or r.parent_key != job["source"].key:
         return False
-    if (r.donor_key or None) != ((job["donor"] or {}).get("key")):
+    if (r.donor_key or None) != (job["donor"].key if job["donor"] else None):
         return False
     if r.status != "ok":
         return r.status == "skipped"  # a deterministic refusal; errors are retried

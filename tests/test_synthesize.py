@@ -496,8 +496,8 @@ def test_plan_gives_every_generator_work_on_a_small_corpus():
         assert sum(len(v) for v in jobs.values()) == 2 * len(sources)
         for name, js in jobs.items():
             domain = registry.generator_class(name).domain
-            assert all(j["source"]["domain"] in (domain, "aigc") or domain == "aigc" for j in js)
-        per_source = Counter(j["source"]["key"] for js in jobs.values() for j in js)
+            assert all(j["source"].domain in (domain, "aigc") or domain == "aigc" for j in js)
+        per_source = Counter(j["source"].key for js in jobs.values() for j in js)
         assert set(per_source.values()) == {2}
     assert synthesize.plan(sources, p, seed=3) == synthesize.plan(sources, p, seed=3)
     only_natural = synthesize.plan(_sources(natural=5), p, seed=0)
@@ -552,7 +552,7 @@ def test_default_corpus_plan_forges_every_generator(tmp_path):
     faces = {r.key for r in sources if r.domain == "face"}
     assert len(faces) == 2
     for key in faces:
-        names = {n for n, js in jobs.items() for j in js if j["source"]["key"] == key}
+        names = {n for n, js in jobs.items() for j in js if j["source"].key == key}
         assert len(names) == 2 and names & {"face_swap", "face_edit"}, names
 
 
@@ -575,8 +575,8 @@ def test_donors_pair_sources_so_linked_groups_stay_small():
 
     donors = {}
     for job in synthesize.plan(sources, heavy, seed=4)["splice"]:
-        donors[job["source"]["key"]] = job["donor"]["key"]
-        parent[root(job["source"]["key"])] = root(job["donor"]["key"])
+        donors[job["source"].key] = job["donor"].key
+        parent[root(job["source"].key)] = root(job["donor"].key)
     assert len(donors) == 51  # every source spliced (weight 5 of 6, two slots)
     units = Counter(root(k) for k in parent)
     assert max(units.values()) <= 3 and sorted(units.values()).count(3) == 1
@@ -586,7 +586,7 @@ def test_donors_pair_sources_so_linked_groups_stay_small():
         per_source=1,
     )
     for job in synthesize.plan(sources, light, seed=4)["splice"]:
-        assert donors[job["source"]["key"]] == job["donor"]["key"]
+        assert donors[job["source"].key] == job["donor"].key
 
 
 def test_donors_come_from_their_sources_split():
@@ -603,11 +603,11 @@ def test_donors_come_from_their_sources_split():
     jobs = synthesize.plan(sources, p, seed=4, split_of=lambda r: which[r.key])["splice"]
     assert len(jobs) > 20
     for job in jobs:
-        src = job["source"]["key"]
+        src = job["source"].key
         if which[src] is None:
             assert job["donor"] is None
         else:
-            assert job["donor"] is not None and which[job["donor"]["key"]] == which[src]
+            assert job["donor"] is not None and which[job["donor"].key] == which[src]
 
 
 @pytest.mark.slow
