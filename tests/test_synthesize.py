@@ -615,14 +615,14 @@ def test_ray_and_local_backends_give_the_same_bytes(tmp_path, corpus):
     """Issue 17 point 10: the diffusers generators that moved by one level between thread
     counts (Ray workers run with one thread, a local run with all cores) give the same
     forgeries on both backends, and every file the run ships (shards, exports, the final
-    manifest) has the same bytes."""
+    manifest) has the same bytes, with one Ray worker or two."""
     got, shipped = {}, {}
-    for backend in ("local", "ray"):
-        path = tmp_path / f"{backend}.yaml"
+    for run, backend, cpus in (("local", "local", 2), ("ray", "ray", 2), ("ray1", "ray", 1)):
+        path = tmp_path / f"{run}.yaml"
         path.write_text(yaml.safe_dump({
-            "data_dir": str(tmp_path / backend), "metrics_dir": str(tmp_path / f"m-{backend}"),
+            "data_dir": str(tmp_path / run), "metrics_dir": str(tmp_path / f"m-{run}"),
             "corpus": [str(corpus)], "seed": 11,
-            "executor": {"backend": backend, "num_cpus": 2, "progress": False},
+            "executor": {"backend": backend, "num_cpus": cpus, "progress": False},
             "synthesize": {"generators": gens(t2i_synthesis=1, regeneration=1, edit=1,
                                               inpaint=1), "per_source": 2},
         }))  # fmt: skip
@@ -632,17 +632,18 @@ def test_ray_and_local_backends_give_the_same_bytes(tmp_path, corpus):
             env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""},
         )  # fmt: skip
         assert out.returncode == 0, out.stderr[-3000:]
-        rows = read_records(tmp_path / backend / "synthesize" / "manifest.parquet")
-        got[backend] = {r.key: (r.status, r.sha256) for r in rows if r.stage == "synthesize"}
-        data = tmp_path / backend
-        shipped[backend] = {
+        rows = read_records(tmp_path / run / "synthesize" / "manifest.parquet")
+        got[run] = {r.key: (r.status, r.sha256) for r in rows if r.stage == "synthesize"}
+        data = tmp_path / run
+        shipped[run] = {
             str(f.relative_to(data)): hashlib.sha256(f.read_bytes()).hexdigest()
             for f in sorted([data / "manifest.parquet", *data.glob("shards/**/*"),
                              *data.glob("exports/**/*")])
             if f.is_file()}
-    assert got["local"] == got["ray"]
+    assert got["local"] == got["ray"] == got["ray1"]
     assert len(shipped["local"]) > 10
-    differ = sorted(k for k in shipped["local"].keys() | shipped["ray"].keys()
-                    if shipped["local"].get(k) != shipped["ray"].get(k))
-    assert not differ, differ
+    for run in ("ray", "ray1"):
+        differ = sorted(k for k in shipped["local"].keys() | shipped[run].keys()
+                        if shipped["local"].get(k) != shipped[run].get(k))
+        assert not differ, (run, differ)
     assert sum(s == "ok" for s, _ in got["local"].values()) >= 8
