@@ -56,6 +56,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.executor import Executor
+from pipeline.imageio import write_bytes
 from pipeline.params import Params
 from pipeline.records import SPLITS, ManifestWriter, Record
 from pipeline.shard import ShardCutter, ShardJobs, full_mask, iter_batches, remove_stale
@@ -709,7 +710,9 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
             f.manifest.close()
             imdl = f.imdl.close() if f.imdl is not None else {}
             report = balance_report(ep, f)
-            (f.target / CARD).write_text(card(ep, f, sc.stand_ins, p.allow_stand_ins, report))
+            # a new file (under DVC the old card may be a link to its cache)
+            write_bytes(f.target / CARD,
+                                card(ep, f, sc.stand_ins, p.allow_stand_ins, report).encode())
             shards = {s: len(list((f.target / s).glob("*.tar")))
                       for s in SPLITS if (f.target / s).exists()}
             metrics["exports"][f.name] = {

@@ -73,6 +73,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.executor import Executor
+from pipeline.imageio import write_bytes
 from pipeline.params import Params
 from pipeline.records import FIELDS
 from pipeline.split import unit_hash
@@ -156,7 +157,8 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
         sampling_section(scan, p, inputs["manifest"]),
     ]
     text = page.document(scan, body)
-    (out / "index.html").write_text(text, encoding="utf-8")
+    # a new file, never written into: under DVC the old page may be a link to its cache
+    write_bytes(out / "index.html", text.encode("utf-8"))
     files = sorted(f for f in out.rglob("*") if f.is_file())
     log.info(
         "report: %d rows, %d thumbnails, %d charts -> %s",

@@ -129,3 +129,35 @@ def test_fraction_sweep_with_dvc_queue(repo):
     full = json.loads(_sh("git", "show", "HEAD:metrics/export.json", cwd=repo))
     assert 0 < len(samples[0.25]) < len(samples[0.5]) < full["exports"]["sweep"]["samples"]
     assert samples[0.25] < samples[0.5]  # nested
+
+
+def _corrupt_cache_files(repo: Path) -> list[str]:
+    """Files of DVC's cache whose bytes no longer match the md5 they are named by."""
+    import hashlib
+
+    bad = []
+    for f in (repo / ".dvc" / "cache" / "files" / "md5").glob("*/*"):
+        want = f.parent.name + f.name.removesuffix(".dir")
+        if hashlib.md5(f.read_bytes()).hexdigest() != want:
+            bad.append(str(f.relative_to(repo)))
+    return bad
+
+
+def test_stages_run_outside_dvc_never_write_into_its_cache(repo):
+    """The outputs DVC left are links to its cache (`.dvc/config`): a stage run directly on
+    that data dir (`python -m pipeline run`, the loop, a sweep) must replace files, never
+    write into them, or it would rewrite the cache's copy too (root is not stopped by the
+    read-only bits)."""
+    if not (repo / "dvc.lock").exists():
+        pytest.skip("needs the baseline from test_dvc_repro_twice_second_does_nothing")
+    _sh("dvc", "checkout", "-f", cwd=repo)
+    linked = [f for f in (repo / "data").rglob("*") if f.is_file() and f.stat().st_nlink > 1]
+    assert linked, "dvc left no links to its cache"
+    assert not _corrupt_cache_files(repo)
+    other = yaml.safe_load((repo / "params.yaml").read_text())
+    other["seed"] = 1  # other forgeries, splits, shards, model and pages, same data_dir
+    (repo / "other.yaml").write_text(yaml.safe_dump(other, sort_keys=False))
+    _sh(str(VENV_BIN / "python"), "-m", "pipeline", "run", "--params", "other.yaml", cwd=repo)
+    changed = json.loads((repo / "metrics" / "synthesize.json").read_text())
+    assert changed["total"] > 0
+    assert not _corrupt_cache_files(repo)
