@@ -1,6 +1,7 @@
-"""Sweeps: a 3-point data-fraction sweep (scaling law: points, power-law fit, plot) and the
-per-domain transfer matrix, each point trained (tiny preset, few steps) and evaluated in its
-own folder by child processes; the power-law fit on known curves; the DVC collection."""
+"""Sweeps on the embedded corpus: a 3-point data-fraction sweep (scaling law: points,
+power-law fit, plot) and the per-domain transfer matrix, each point trained (tiny preset, few
+steps) and evaluated in its own folder by child processes; the power-law fit on known curves;
+the DVC collection."""
 
 from __future__ import annotations
 
@@ -11,15 +12,14 @@ import numpy as np
 import pytest
 import yaml
 from conftest import (
+    ROOT,
     local_executor,
     make_params,
     only_exports,
     only_generators,
-    save,
     write_manifest,
 )
 from PIL import Image
-from skimage import data as skdata
 
 from pipeline import cli
 from pipeline import params as params_mod
@@ -87,26 +87,10 @@ def test_scaling_plot_is_drawn(tmp_path):
 # ----------------------------------------------------------------------------- sweeps
 
 
-def _corpus(root: Path) -> Path:
-    photos, pages = root / "photos", root / "pages"
-    for name in ("coffee", "chelsea", "rocket", "camera", "astronaut", "immunohistochemistry",
-                 "coins", "hubble_deep_field"):
-        img = np.asarray(getattr(skdata, name)())
-        img = img if img.ndim == 3 else np.stack([img] * 3, -1)
-        save(Image.fromarray(img[..., :3]).resize((160, 120)), photos / f"{name}.png", "PNG")
-    for name in ("page", "text"):
-        img = np.stack([getattr(skdata, name)()] * 3, -1)
-        save(Image.fromarray(img).resize((160, 120)), pages / f"{name}.png", "PNG")
-    return write_manifest(root / "corpus.yaml", [
-        {"name": "photos", "kind": "image_folder", "domain": "natural", "label": "real",
-         "license": "BSD-3-Clause", "path": str(photos)},
-        {"name": "pages", "kind": "image_folder", "domain": "document", "label": "real",
-         "license": "BSD-3-Clause", "path": str(pages)}])
-
-
 @pytest.fixture(scope="module")
 def sweep_run(tmp_path_factory) -> Path:
-    """A data_dir with every stage up to export; nested fractions 34/67/100%; params file."""
+    """A data_dir with every stage up to export on the embedded corpus
+    (`manifests/default.yaml`, what `make repro` uses); nested fractions 34/67/100%."""
     root = tmp_path_factory.mktemp("sweep")
     sections = {
         "plots_dir": str(root / "plots"),
@@ -119,7 +103,7 @@ def sweep_run(tmp_path_factory) -> Path:
                   "val_every": 20, "loader_workers": 0, "val_max_images": 1, "tile_batch": 4},
         "evaluate": {"bootstrap": 100, "robustness_max_images": 0},
     }
-    params = make_params(root, [_corpus(root)], **sections)
+    params = make_params(root, [ROOT / "manifests" / "default.yaml"], **sections)
     ex = local_executor()
     for stage in stage_names()[: stage_names().index("export") + 1]:
         cli.run_stage(stage, params, ex)
@@ -168,7 +152,7 @@ def test_domain_sweep_writes_the_transfer_matrix(sweep_run):
     assert main(["--params", str(root / "params.yaml"), "--by", "domain", "--steps", "10"]) == 0
     tr = json.loads((root / "metrics" / "transfer.json").read_text())
     assert set(tr) == {"image_auc", "image_accuracy", "pixel_f1"}
-    train_domains = {"aigc", "document", "natural"}
+    train_domains = {"aigc", "document", "face", "natural"}
     for m, mat in tr.items():
         assert set(mat) == train_domains | {"all"}, m
         cols = {c for row in mat.values() for c in row}
