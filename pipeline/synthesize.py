@@ -16,7 +16,11 @@ round, job index), so no key repeats one of another round, and donors from train
 (and whose files exist) is kept instead of forged again.
 
 Forged rows stream into the output manifest as workers return them (after the input rows,
-generator by generator), so memory does not grow with the number of forgeries.
+generator by generator), so memory does not grow with the number of forgeries. Planning is
+global (the cover step looks at every source), so the driver holds each source as a
+`SourceRow` (the dozen fields the planner and the workers read, about 600 bytes) and each
+job as two indices (16 bytes); a job's dict is made when its window of jobs goes to the
+executor (`bench/bench_synth_plan.py`).
 
 Per generator, the work runs through the executor: GPU generators as actors asking for
 `num_gpus` with their batch size, CPU ones as ordinary workers. After generation the stage
@@ -32,18 +36,24 @@ the pixels changed), so `masks` knows the edit apart from the codec's echo aroun
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
 import re
+import sys
+from array import array
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import imagehash
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from generators import registry
@@ -57,6 +67,7 @@ from pipeline.stage import Stage
 log = logging.getLogger(__name__)
 
 DOMAIN_NAMES = ("document", "natural", "face", "aigc")
+_WINDOW_JOBS = 20_000  # a generator's jobs handed to the executor per call
 DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
@@ -168,67 +179,171 @@ def _weights(p: SynthesizeParams, infos: dict[str, _GenInfo]) -> dict[str, float
     return {n: v for n, v in w.items() if v > 0}
 
 
-def plan(sources: list[Record], p: SynthesizeParams, seed: int,
-         split_of: Callable[[Record], str | None] | None = None) -> dict[str, list[dict[str, Any]]]:
+class SourceRow(NamedTuple):
+    """What planning and the workers read of a real source: all the stage holds per source
+    (a full Record, with its 60 fields and its hashes, takes 4x the memory)."""
+
+    key: str
+    source: str
+    source_id: str | None
+    group_id: str | None
+    parent_key: str | None
+    license: str | None
+    domain: str | None
+    blob: str
+    format: str | None
+    caption: str | None
+    jpeg_quality: int | None
+    exif_orientation: int | None
+
+
+_SHARED = ("source", "license", "domain", "format")  # few distinct values: one string each
+
+
+def load_sources(manifest: str | Path) -> list[SourceRow]:
+    """The sources of a manifest (`is_source`: ok, real, stored, not a blocklist item) sorted
+    by key, read batch by batch and only the columns `SourceRow` has."""
+    pf = pq.ParquetFile(manifest)
+    names = set(pf.schema_arrow.names)
+    want = [c for c in (*SourceRow._fields, "status", "label", "kind") if c in names]
+    out: list[SourceRow] = []
+    def column(batch: pa.RecordBatch, name: str) -> pa.Array:
+        i = batch.schema.get_field_index(name)
+        return batch.column(i) if i >= 0 else pa.nulls(batch.num_rows, pa.string())
+
+    for batch in pf.iter_batches(columns=want, batch_size=1 << 16, use_threads=False):
+        col = functools.partial(column, batch)
+        keep = pc.and_(pc.and_(pc.equal(col("status"), "ok"), pc.equal(col("label"), "real")),
+                       pc.and_(pc.is_valid(col("blob")),
+                               pc.fill_null(pc.not_equal(col("kind"), "blocklist"), True)))
+        keep = pc.fill_null(keep, False)
+        if not pc.any(keep).as_py():
+            continue
+        values = []
+        for name in SourceRow._fields:
+            v = pc.filter(col(name), keep).to_pylist()
+            if name in _SHARED:
+                v = [sys.intern(x) if isinstance(x, str) else x for x in v]
+            values.append(v)
+        out.extend(map(SourceRow._make, zip(*values)))
+    out.sort(key=lambda r: r.key)
+    return out
+
+
+class Jobs(Sequence):
+    """One generator's planned jobs, in source order. Held as indices into the planner's
+    sources (16 bytes a job); a job's dict (source, donor, key, seed) is made when it is
+    read, so a plan of 10^7 jobs does not hold 10^7 dicts. Jobs of a round's plan
+    (`extend`) are kept as the dicts they came as, after the base plan's."""
+
+    def __init__(self, name: str, sources: Sequence[Any], seed: int):
+        self.name, self.sources, self.seed = name, sources, seed
+        self.src, self.donor = array("q"), array("q")
+        self.extra: list[dict[str, Any]] = []
+
+    def add(self, source: int, donor: int) -> None:
+        self.src.append(source)
+        self.donor.append(donor)
+
+    def extend(self, jobs: Iterable[dict[str, Any]]) -> None:
+        self.extra.extend(jobs)
+
+    def __len__(self) -> int:
+        return len(self.src) + len(self.extra)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self._job(j) for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._job(i)
+
+    def _job(self, i: int) -> dict[str, Any]:
+        if i >= len(self.src):
+            return self.extra[i - len(self.src)]
+        src, d = self.sources[self.src[i]], self.donor[i]
+        key = content_key(src.key, self.name)
+        return {"source": src, "donor": self.sources[d] if d >= 0 else None, "key": key,
+                "seed": derive_seed(self.seed, key)}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or len(self) != len(other):
+            return False
+        return all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Jobs({self.name!r}, {len(self)} jobs)"
+
+
+def plan(sources: Sequence[Any], p: SynthesizeParams, seed: int,
+         split_of: Callable[[Any], str | None] | None = None) -> dict[str, Jobs]:
     """Which generator forges which source (and with which donor): a pure function.
 
-    `split_of` gives the split a source's group will be in (`split.plan_groups`): donors are
-    drawn from the source's own split, so a splice never carries pixels across splits."""
+    `sources` are sorted by key (`SourceRow`s or Records). `split_of` gives the split a
+    source's group will be in (`split.plan_groups`): donors are drawn from the source's own
+    split, so a splice never carries pixels across splits. Per source only its split and
+    its donor's index are held while planning; the jobs are indices (`Jobs`)."""
     split_of = split_of or (lambda r: "any")
     infos = {name: _gen_info(name) for name in p.generators}
     weights = _weights(p, infos)
     if p.per_source == 0 or not weights:
         return {}
-    fits = {s.key: [n for n in weights if infos[n].domain in (s.domain, "aigc")] for s in sources}
-    slots = {s.key: min(p.per_source, len(fits[s.key])) for s in sources}
-    chosen: dict[str, list[str]] = {s.key: [] for s in sources}
+    fits = {d: [n for n in weights if infos[n].domain in (d, "aigc")]
+            for d in {s.domain for s in sources}}
+    slots = {d: min(p.per_source, len(f)) for d, f in fits.items()}
+    chosen: dict[int, list[str]] = {}  # the sources the cover step gave a generator
     # 1. cover: every generator gets one source that can take it, scarcest generators first,
     #    each on the source with the most free slots (ties: a stable hash of seed and names)
-    takers = {n: [s.key for s in sources if n in fits[s.key]] for n in weights}
-    for name in sorted(weights, key=lambda n: (len(takers[n]), n)):
-        free = [k for k in takers[name] if len(chosen[k]) < slots[k]]
-        if free:
-            best = max(free, key=lambda k: (slots[k] - len(chosen[k]), -derive_seed(seed, k, name)))
-            chosen[best].append(name)
-    # 2. fill the remaining slots by weight, without repeating a generator on a source
-    for src in sources:
-        names = [n for n in fits[src.key] if n not in chosen[src.key]]
-        k = slots[src.key] - len(chosen[src.key])
-        if k <= 0 or not names:
-            continue
-        rng = np.random.default_rng(derive_seed(seed, src.key, "mix"))
-        w = np.array([weights[n] for n in names])
-        picked = rng.choice(len(names), size=k, replace=False, p=w / w.sum())
-        chosen[src.key] += [names[i] for i in sorted(picked)]
-    # 3. jobs, with donors for the generators that paste another image in: from the same
-    #    split as the source (a group in no split, near a blocklist item, gets no donor)
-    splits = {s.key: split_of(s) for s in sources}
+    per_domain = Counter(s.domain for s in sources)
+    takers = {n: sum(c for d, c in per_domain.items() if n in fits[d]) for n in weights}
+    for name in sorted(weights, key=lambda n: (takers[n], n)):
+        best, best_i = None, -1
+        for i, s in enumerate(sources):
+            free = slots[s.domain] - len(chosen.get(i, ()))
+            if free <= 0 or name not in fits[s.domain]:
+                continue
+            rank = (free, -derive_seed(seed, s.key, name))
+            if best is None or rank > best:
+                best, best_i = rank, i
+        if best_i >= 0:
+            chosen.setdefault(best_i, []).append(name)
+    # 2. donors for the generators that paste another image in: from the same split as the
+    #    source (a group in no split, near a blocklist item, gets no donor)
+    splits = [split_of(s) for s in sources]
     partners = _partners(sources, seed, splits)
-    by_domain: dict[tuple[str, str | None], list[Record]] = defaultdict(list)
-    for r in sources:
-        by_domain[r.domain, splits[r.key]].append(r)
+    by_domain: dict[tuple[str, str | None], list[int]] = defaultdict(list)
+    for i, s in enumerate(sources):
+        by_domain[s.domain, splits[i]].append(i)
+    # 3. fill the remaining slots by weight, without repeating a generator on a source, and
+    #    make the jobs
     order = {n: i for i, n in enumerate(p.generators)}
-    jobs: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for src in sources:
-        for name in sorted(chosen[src.key], key=order.__getitem__):
+    jobs: dict[str, Jobs] = {}
+    for i, src in enumerate(sources):
+        names = chosen.get(i, [])
+        free = [n for n in fits[src.domain] if n not in names]
+        k = slots[src.domain] - len(names)
+        if k > 0 and free:
+            rng = np.random.default_rng(derive_seed(seed, src.key, "mix"))
+            w = np.array([weights[n] for n in free])
+            picked = rng.choice(len(free), size=k, replace=False, p=w / w.sum())
+            names = names + [free[j] for j in sorted(picked)]
+        for name in sorted(names, key=order.__getitem__):
             info = infos[name]
-            donor = None
+            donor = -1
             if info.needs_donor and info.donor_domain in (None, src.domain):
-                donor = partners.get(src.key)
-            elif info.needs_donor and splits[src.key] is not None and by_domain.get(
-                (info.donor_domain, splits[src.key])
+                donor = int(partners[i])
+            elif info.needs_donor and splits[i] is not None and by_domain.get(
+                (info.donor_domain, splits[i])
             ):
-                pool = by_domain[info.donor_domain, splits[src.key]]
+                pool = by_domain[info.donor_domain, splits[i]]
                 donor = pool[derive_seed(seed, src.key, name, "donor") % len(pool)]
-            key = content_key(src.key, name)
-            jobs[name].append(
-                {
-                    "source": src,  # the planner's own Record: no copy per job
-                    "donor": donor,
-                    "key": key,
-                    "seed": derive_seed(seed, key),
-                }
-            )
+            if name not in jobs:
+                jobs[name] = Jobs(name, sources, seed)
+            jobs[name].add(i, donor)
     return jobs
 
 
@@ -252,8 +367,8 @@ def load_plan(path: Path) -> dict[str, Any]:
     return plan
 
 
-def plan_round(plan: dict[str, Any], sources: dict[str, Record], p: SynthesizeParams,
-               seed: int, split_of: Callable[[Record], str | None]
+def plan_round(plan: dict[str, Any], sources: dict[str, Any], p: SynthesizeParams,
+               seed: int, split_of: Callable[[Any], str | None]
                ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """The jobs of one round's plan, and the reasons for jobs that cannot run. Only sources
     in `train` are forged (val and test stay fixed across rounds); keys carry the round and
@@ -295,26 +410,26 @@ def plan_round(plan: dict[str, Any], sources: dict[str, Record], p: SynthesizePa
     return dict(jobs), problems
 
 
-def _partners(sources: list[Record], seed: int, splits: dict[str, str | None]
-              ) -> dict[str, Record]:
-    """The donor of each source: sources of a domain and split in a seeded order, paired two
-    by two (the odd one out joins the last pair), so a donor is always in its source's split
-    and each image lends its pixels to at most two others."""
-    by_domain: dict[tuple[str, str], list[Record]] = defaultdict(list)
-    for r in sources:
-        if splits[r.key] is not None:
-            by_domain[r.domain, splits[r.key]].append(r)
-    partners = {}
+def _partners(sources: Sequence[Any], seed: int, splits: list[str | None]) -> np.ndarray:
+    """The donor of each source (an index, -1: none): sources of a domain and split in a
+    seeded order, paired two by two (the odd one out joins the last pair), so a donor is
+    always in its source's split and each image lends its pixels to at most two others."""
+    by_domain: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, r in enumerate(sources):
+        if splits[i] is not None:
+            by_domain[r.domain, splits[i]].append(i)
+    partners = np.full(len(sources), -1, np.int64)
     for pool in by_domain.values():
-        ring = sorted(pool, key=lambda r: derive_seed(seed, r.key, "pair"))
+        ring = sorted(pool, key=lambda i: derive_seed(seed, sources[i].key, "pair"))
         for i, r in enumerate(ring):
             j = i ^ 1 if (i ^ 1) < len(ring) else i - 1
             if 0 <= j != i:
-                partners[r.key] = ring[j]
+                partners[r] = ring[j]
     return partners
 
 
-def why_no_work(sources: list[Record], p: SynthesizeParams, jobs: dict[str, list]) -> list[str]:
+def why_no_work(sources: Sequence[Any], p: SynthesizeParams, jobs: dict[str, Jobs]
+                ) -> list[str]:
     """Why configured generators got nothing to do: the reasons a run's log should show."""
     infos = {name: _gen_info(name) for name in p.generators}
     weights = _weights(p, infos)
@@ -518,8 +633,7 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     p: SynthesizeParams = params.synthesize
     data_dir = params.data
     manifest = Path(out) / "manifest.parquet"
-    sources = [r for r in iter_records(inputs["manifest"]) if is_source(r)]
-    sources.sort(key=lambda r: r.key)
+    sources = load_sources(inputs["manifest"])
     available = len(sources)
     if p.max_sources is not None:
         sources = sources[: p.max_sources]
@@ -536,12 +650,13 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
                                          params.seed, groups.of_record)
             plan_problems += problems
             for name, todo in extra.items():
-                jobs.setdefault(name, []).extend(todo)
+                jobs.setdefault(name, Jobs(name, sources, params.seed)).extend(todo)
                 for job in todo:
                     rounds[job["round"]] = rounds.get(job["round"], 0) + 1
         for problem in plan_problems:
             log.warning("synthesize: %s", problem)
-        keys = [job["key"] for todo in jobs.values() for job in todo]
+        # a round's keys carry the round: only two plans of one round can repeat a key
+        keys = [job["key"] for todo in jobs.values() for job in todo.extra]
         if len(set(keys)) != len(keys):  # two plans of the same round
             dup = next(k for k, c in Counter(keys).items() if c > 1)
             raise ValueError(f"synthesize.plan_from: key {dup} planned twice (two plans of "
@@ -576,19 +691,24 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
             res = Resources(cpus=1, gpus=spec.num_gpus if gpu else 0.0)
             factory = _Factory(name, spec, p, str(data_dir))
             version = registry.generator_class(name).version
-            kept = [prior[j["key"]] for j in todo
-                    if _reusable(prior.get(j["key"]), j, name, version, data_dir)]
-            kept_keys = {r.key for r in kept}
-            todo = [j for j in todo if j["key"] not in kept_keys]
-            n_ok = 0
-            batches = executor.map(factory, chunked(todo, size), res, desc=f"synthesize {name}")
-            for rec in itertools.chain(kept, (Record(**row) for rows in batches for row in rows)):
-                n_ok += rec.status == "ok"
-                summary[_Summary(rec.status, rec.domain, rec.operation, rec.generator,
-                                 rec.label, rec.split, rec.model_id)] += 1
-                w.write(rec)
-            per_generator[name] = {"planned": len(todo) + len(kept), "ok": n_ok,
-                                   "reused": len(kept)}
+            n_ok = n_reused = 0
+            # jobs become dicts a window at a time (kept rows of a window first)
+            for start in range(0, len(todo), _WINDOW_JOBS):
+                window = todo[start : start + _WINDOW_JOBS]
+                kept = [prior[j["key"]] for j in window
+                        if _reusable(prior.get(j["key"]), j, name, version, data_dir)]
+                kept_keys = {r.key for r in kept}
+                window = [j for j in window if j["key"] not in kept_keys]
+                batches = executor.map(factory, chunked(window, size), res,
+                                       desc=f"synthesize {name}")
+                for rec in itertools.chain(kept, (Record(**row) for rows in batches
+                                                  for row in rows)):
+                    n_ok += rec.status == "ok"
+                    summary[_Summary(rec.status, rec.domain, rec.operation, rec.generator,
+                                     rec.label, rec.split, rec.model_id)] += 1
+                    w.write(rec)
+                n_reused += len(kept)
+            per_generator[name] = {"planned": len(todo), "ok": n_ok, "reused": n_reused}
     metrics = counts(k for k, c in summary.items() for _ in range(c))
     metrics["sources"] = len(sources)
     metrics["per_generator"] = per_generator

@@ -236,6 +236,57 @@ def _fake_sources(n: int, domain: str) -> list[Record]:
     ]
 
 
+def test_sources_are_read_as_slim_rows_and_plan_the_same(tmp_path):
+    """Issue 16: the stage holds its sources as `SourceRow`s read column-wise (not full
+    Records) and its jobs as indices; the sources are exactly the shippable real rows,
+    sorted, and the plan of them is the plan of the full Records."""
+    from pipeline.records import write_manifest as write_rows
+
+    rows = [Record(key=f"r{i:03d}", source="s", source_id=f"sid{i % 7}", label="real",
+                   domain=("natural", "face", "document")[i % 3], blob=f"b/{i}.png",
+                   format="png", license="cc0", jpeg_quality=None if i % 2 else 90,
+                   phash_variants="k" + "0" * 80)
+            for i in range(60)]
+    rows[3] = rows[3].replace(status="truncated")
+    rows[4] = rows[4].replace(label="tampered")
+    rows[5] = rows[5].replace(blob=None)
+    rows[6] = rows[6].replace(kind="blocklist")
+    rows.reverse()  # a manifest in any order
+    path = write_rows(tmp_path / "m.parquet", rows) and tmp_path / "m.parquet"
+    sources = synthesize.load_sources(path)
+    full = sorted((r for r in rows if synthesize.is_source(r)), key=lambda r: r.key)
+    assert [s.key for s in sources] == [r.key for r in full] and len(full) == 56
+    for s, r in zip(sources, full):
+        assert s == tuple(getattr(r, f) for f in synthesize.SourceRow._fields)
+    p = synthesize.SynthesizeParams(per_source=2)
+    split_of = {r.key: ("train", "val", "test")[int(r.key[1:]) % 3] for r in full}
+    slim = synthesize.plan(sources, p, seed=2, split_of=lambda r: split_of[r.key])
+    wide = synthesize.plan(full, p, seed=2, split_of=lambda r: split_of[r.key])
+    assert set(slim) == set(wide) and sum(len(v) for v in slim.values()) == 112
+
+    def ids(jobs):
+        return [(j["source"].key, j["donor"] and j["donor"].key, j["key"], j["seed"])
+                for j in jobs]
+
+    for name in wide:
+        assert ids(slim[name]) == ids(wide[name]), name
+        assert ids(slim[name][1:3]) == ids(wide[name])[1:3]  # slices read like lists
+    assert isinstance(slim["copy_move"], synthesize.Jobs)
+
+
+def test_jobs_go_to_the_executor_in_windows_with_the_same_output(tmp_path, corpus,
+                                                                 monkeypatch):
+    """A generator's jobs become dicts a window at a time: windows of one job give the
+    same rows, bytes and metrics as one window."""
+    synth = {"generators": gens(copy_move=1, removal=1), "per_source": 2}
+    _, m1, _, a = _run(tmp_path / "one", corpus, **synth)
+    monkeypatch.setattr(synthesize, "_WINDOW_JOBS", 1)
+    _, m2, _, b = _run(tmp_path / "two", corpus, **synth)
+    assert len(a) >= 6 and max(v["planned"] for v in m1["per_generator"].values()) >= 3
+    assert [(r.key, r.status, r.sha256) for r in a] == [(r.key, r.status, r.sha256) for r in b]
+    assert m1["per_generator"] == m2["per_generator"]
+
+
 def test_plan_respects_generator_and_domain_weights():
     sources = _fake_sources(400, "natural")
     p = synthesize.SynthesizeParams(
