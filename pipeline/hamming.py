@@ -197,7 +197,9 @@ def table_pairs(unique: np.ndarray, table: Table, threshold: int) -> tuple[np.nd
     """Index pairs (a < b) of sorted distinct `unique` that share `table`'s key within `threshold`.
 
     Sort the permuted hashes, then compare neighbours at offset d = 1, 2, ... inside each
-    bucket until no bucket is longer than d: all reads are sequential. Matches are mapped
+    bucket until no bucket is longer than d: while most rows still have a neighbour d places
+    on in their bucket, as whole-array passes (XOR, popcount, compare: no gather, 2-3x
+    faster than indexing), then only at the rows whose bucket is that long. Matches are mapped
     back to indices by inverting the permutation and a binary search in `unique` (a sort
     of the values and a search of the matches is cheaper than an argsort of all, at 10^7
     hashes 1.9 s against 2.9 s per table).
@@ -217,21 +219,46 @@ def _positions(sorted_unique: np.ndarray, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _table_pairs(unique: np.ndarray, table: Table, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+def _table_pairs(unique: np.ndarray, table: Table, threshold: int,
+                 sparse: float = 0.125) -> tuple[np.ndarray, np.ndarray]:
     n = len(unique)
     perm = _Permutation.of(table)
     v = perm.forward(unique)
     v.sort()
     same = (v[1:] ^ v[:-1]) <= perm.low  # row i and i + 1 share the key
-    cur = np.flatnonzero(same)
+    alive = same.copy()  # row i and i + d share the key
     hits_a, hits_b = [], []
+    t = np.uint8(threshold)
+    xor, bits, ok = np.empty(n, _U64), np.empty(n, np.uint8), np.empty(n, bool)
     d = 1
-    while cur.size:
-        ok = np.bitwise_count(v[cur] ^ v[cur + d]) <= threshold
-        if ok.any():
-            hits_a.append(v[cur[ok]])
-            hits_b.append(v[cur[ok] + d])
-        # rows i and i + d + 1 share the key iff same[i .. i + d] all hold
+    while d < n:
+        m = n - d
+        live = np.count_nonzero(alive)
+        if not live:
+            break
+        if live < sparse * m:
+            break
+        # dense: whole-array passes over the sorted values (no gather), while most rows
+        # still have a partner d places on in their bucket
+        np.bitwise_xor(v[d:], v[:-d], out=xor[:m])
+        np.bitwise_count(xor[:m], out=bits[:m])
+        np.less_equal(bits[:m], t, out=ok[:m])
+        ok[:m] &= alive
+        idx = np.flatnonzero(ok[:m])
+        if idx.size:
+            hits_a.append(v[idx])
+            hits_b.append(v[idx + d])
+        # rows i and i + d + 1 share the key iff i and i + d do and i + d and i + d + 1 do
+        np.logical_and(alive[:-1], same[d:], out=alive[:-1])
+        alive = alive[:-1]
+        d += 1
+    del xor, bits, ok
+    cur = np.flatnonzero(alive) if d < n else np.empty(0, np.int64)
+    while cur.size:  # sparse: only the rows whose bucket is still longer than d
+        hit = np.bitwise_count(v[cur] ^ v[cur + d]) <= threshold
+        if hit.any():
+            hits_a.append(v[cur[hit]])
+            hits_b.append(v[cur[hit] + d])
         cur = cur[cur + d < n - 1]
         cur = cur[same[cur + d]]
         d += 1
