@@ -433,7 +433,7 @@ class HammingIndex:
     them). The tables are planned for max(number of distinct hashes, `capacity`): the plan
     for the real size is the one the cost model finds cheapest for it; a larger `capacity`
     fixes the tables for corpora up to that size. Measured (bench/bench_dedup.py, random
-    hashes, threshold 8, one core): 10.9 s at 10^6, 527 s at 10^7: exact search at radius 8
+    hashes, threshold 8, one core): self-join 5.0 s at 10^6, 233 s at 10^7: exact search at radius 8
     costs more per hash as the corpus grows (more tables, fuller buckets, arrays past the
     caches), so it is sub-quadratic, not linear; tables spread over executor tasks.
     """
