@@ -406,8 +406,12 @@ def _open(path: str | os.PathLike) -> pq.ParquetFile:
 
 def _batches(path: str | os.PathLike, columns: list[str] | None, batch_size: int = 1 << 16
              ) -> Iterator[pa.RecordBatch]:
-    yield from _open(path).iter_batches(columns=columns, batch_size=batch_size,
-                                        use_threads=False)
+    pool = pa.default_memory_pool()
+    for batch in _open(path).iter_batches(columns=columns, batch_size=batch_size,
+                                          use_threads=False):
+        yield batch
+        del batch
+        pool.release_unused()  # the allocator keeps freed batches otherwise: RSS climbs
 
 
 def _is(col: pa.ChunkedArray, *values: str) -> np.ndarray:
@@ -602,14 +606,22 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
                 a_parts.append(owner[qi])
                 b_parts.append(n + ui)
                 figures["probe_matches"] = int(qi.size)
+                del probes, owner, qi, ui
             figures["probes"] = int(sel.size)
             figures["probe_turns"] = int(var.is_turn[sel].sum())
+            del sel
+        figures.update(index_tables=len(index.tables), planned_for=int(index.planned),
+                       probe_tables=len(windex.tables) if windex is not None else 0)
+        # what the grouping below does not read: freed before it allocates its own
+        del node_fine, node_fine_ok, first, index, windex
+    var.probe_row = var.probe = var.is_turn = None  # type: ignore[assignment]
+    pa.default_memory_pool().release_unused()
     sha_rows = np.flatnonzero(has_sha & (indexed | ok_row))
     nsha = int(sha_id.max()) + 1 if has_sha.any() else 0
     if sha_rows.size:
         a_parts.append(sha_rows)
         b_parts.append(n + nu + sha_id[sha_rows])
-    root = union_find(n + nu + nsha, a_parts, b_parts)[:n]
+    root = union_find(n + nu + nsha, a_parts, b_parts)[:n].copy()  # the hash nodes go
     del a_parts, b_parts
     index_s = time.perf_counter() - t0
 
@@ -677,9 +689,9 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
     figures.update({
         "indexed": int(indexed.sum()),
         "unique_phash": int(nu),
-        "index_tables": len(index.tables) if index is not None else 0,
-        "probe_tables": len(windex.tables) if windex is not None else 0,
-        "planned_for": int(index.planned) if index is not None else 0,
+        "index_tables": figures.get("index_tables", 0),
+        "probe_tables": figures.get("probe_tables", 0),
+        "planned_for": figures.get("planned_for", 0),
         "hashed_here": len(computed),
         "hash_seconds": round(hash_s, 3),
         "index_seconds": round(index_s, 3),
