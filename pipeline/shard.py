@@ -20,10 +20,12 @@ import webdataset (and torch).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -521,8 +523,20 @@ def _shippable_mask(batch: pa.RecordBatch) -> pa.Array:
     )
 
 
+def _ships_as_is(path: Path | str) -> bool:
+    """Whether the input manifest is already the one this stage writes: the record schema
+    (metadata included) and no ok row without a split. Reads two columns."""
+    pf = pq.ParquetFile(path)
+    if not pf.schema_arrow.equals(SCHEMA, check_metadata=True):
+        return False
+    t = pf.read(columns=["status", "split"])
+    return not pc.any(pc.and_(pc.equal(t.column("status"), "ok"),
+                              pc.is_null(t.column("split")))).as_py()
+
+
 def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) -> dict[str, Any]:
-    """Ships every ok record with a split; writes `data_dir/manifest.parquet` with all records."""
+    """Ships every ok record with a split; writes `data_dir/manifest.parquet` with all records
+    (a copy of the input when no row changes: ok rows without a split become `no_split`)."""
     p: ShardParams = params.shard
     data_dir = params.data
     out = Path(out)
@@ -530,29 +544,37 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     cutters = {s: ShardCutter(s, p.max_count, p.max_bytes) for s in SPLITS}
     names: dict[str, list[str]] = {s: [] for s in SPLITS}
+    dirs = {s: out / s for s in SPLITS}
     jobs = ShardJobs(data_dir, executor)
     by: dict[str, Counter] = {c: Counter() for c in _COUNTED}
     total = 0
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with pq.ParquetWriter(tmp, SCHEMA) as writer:
+        with contextlib.ExitStack() as stack:
+            if _ships_as_is(inputs["manifest"]):
+                shutil.copyfile(inputs["manifest"], tmp)  # the kernel copies it
+                writer = None
+            else:
+                writer = stack.enter_context(pq.ParquetWriter(tmp, SCHEMA))
             for batch in iter_batches(inputs["manifest"]):
-                batch = _mark_no_split(batch)
-                writer.write_batch(batch)
+                if writer is not None:
+                    batch = _mark_no_split(batch)
+                    writer.write_batch(batch)
                 total += batch.num_rows
                 count_batch(batch, by)
                 ship = batch.filter(_shippable_mask(batch))
                 for i, r in enumerate(records_of(ship)):
                     done = cutters[r.split].add(r, (ship, i))
-                    names[r.split] += [n for n, _, _ in done]
-                    jobs.add(out / r.split, done)
+                    if done:
+                        names[r.split] += [n for n, _, _ in done]
+                        jobs.add(dirs[r.split], done)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     for s in SPLITS:
         done = cutters[s].flush()
         names[s] += [n for n, _, _ in done]
-        jobs.add(out / s, done)
+        jobs.add(dirs[s], done)
     jobs.drain()
     tar_bytes: Counter = Counter()
     for st in jobs.stats:

@@ -89,6 +89,28 @@ def test_shards_layout_and_byte_identical_rebuild(tmp_path):
     assert len(read_records(params.data / "manifest.parquet")) == 11
 
 
+def test_final_manifest_is_the_split_manifest_unless_a_row_lacks_a_split(tmp_path):
+    params = make_params(tmp_path, [_corpus(tmp_path, 6)], shard={"max_count": 4})
+    run_stage("ingest", params, local_executor())
+    _split_manifest(params, tampered=False)
+    src, final = params.data / "split" / "manifest.parquet", params.data / "manifest.parquet"
+    run_stage("shard", params, local_executor())
+    assert final.read_bytes() == src.read_bytes()  # nothing changed: the same file
+    shipped = _tar_digests(params.data / "shards")
+
+    # one ok row without a split: it becomes `no_split` and is not shipped; the rest stay
+    recs = read_records(src)
+    lost = recs[2].key
+    write_records(src, [r.replace(split=None) if r.key == lost else r for r in recs])
+    m = run_stage("shard", params, local_executor())
+    out = {r.key: r for r in read_records(final)}
+    assert final.read_bytes() != src.read_bytes()
+    assert out[lost].status == "no_split" and out[lost].error == "no split assigned"
+    assert m["shipped"] == len(recs) - 1 and m["by_status"] == {"no_split": 1, "ok": len(recs) - 1}
+    assert [out[r.key] for r in recs if r.key != lost] == [r for r in recs if r.key != lost]
+    assert _tar_digests(params.data / "shards") != shipped
+
+
 def test_readback_webdataset_and_datasets(tmp_path):
     params = make_params(tmp_path, [_corpus(tmp_path, 8)], shard={"max_count": 4})
     run_stage("ingest", params, local_executor())
