@@ -590,9 +590,13 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
             # windows (crops) and the other turns of ambiguous orientations, in one batch
             # query against the whole images; the probe's 256-bit hash must agree too,
             # checked for the few that match (their 256-bit hashes are read back then)
-            sel = np.flatnonzero(indexed[var.probe_row])
-            if sel.size:
-                probes, owner = var.probe[sel], var.probe_row[sel]
+            keep_probe = indexed[var.probe_row]
+            if not keep_probe.all():  # narrowed in place: no second copy of the probes
+                var.probe, var.probe_row = var.probe[keep_probe], var.probe_row[keep_probe]
+                var.is_turn = var.is_turn[keep_probe]
+            del keep_probe
+            if var.probe.size:
+                probes, owner = var.probe, var.probe_row
                 windex = HammingIndex(index.unique, p.probe_threshold, p.capacity)
                 qi, ui, _ = windex.query(probes, executor, p.tables_per_task)
                 keep = index.inverse[np.searchsorted(idx_rows, owner[qi])] != ui  # not itself
@@ -607,9 +611,8 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
                 b_parts.append(n + ui)
                 figures["probe_matches"] = int(qi.size)
                 del probes, owner, qi, ui
-            figures["probes"] = int(sel.size)
-            figures["probe_turns"] = int(var.is_turn[sel].sum())
-            del sel
+            figures["probes"] = int(var.probe.size)
+            figures["probe_turns"] = int(var.is_turn.sum())
         figures.update(index_tables=len(index.tables), planned_for=int(index.planned),
                        probe_tables=len(windex.tables) if windex is not None else 0)
         # what the grouping below does not read: freed before it allocates its own

@@ -443,8 +443,12 @@ class HammingIndex:
         if hashes.dtype != _U64:
             raise ValueError(f"hashes must be uint64, got {hashes.dtype}")
         self.threshold = int(threshold)
-        self.unique, self.inverse = np.unique(hashes, return_inverse=True)
-        self.inverse = self.inverse.reshape(-1)
+        if len(hashes) < 2 or bool((hashes[1:] > hashes[:-1]).all()):
+            # already sorted and distinct (another index's `unique`): kept, not copied
+            self.unique, self._inverse = hashes, None
+        else:
+            self.unique, inverse = np.unique(hashes, return_inverse=True)
+            self._inverse = inverse.reshape(-1)
         self.planned = max(len(self.unique), int(capacity))
         self.tables = plan_tables(self.threshold, self.planned)
         kmin = min(t.bits for t in self.tables)
@@ -455,6 +459,13 @@ class HammingIndex:
 
     def __len__(self) -> int:
         return len(self.unique)
+
+    @property
+    def inverse(self) -> np.ndarray:
+        """Index into `unique` of each input hash."""
+        if self._inverse is None:
+            self._inverse = np.arange(len(self.unique))
+        return self._inverse
 
     def pairs(self, executor: Any = None, tables_per_task: int = 64, spanning: bool = False,
               verify: Verify | None = None) -> tuple[np.ndarray, np.ndarray]:
