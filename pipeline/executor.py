@@ -26,11 +26,12 @@ Backends:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +46,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 WorkerFactory = Callable[[], Callable[[Any], Any]]
+_NOTHING = object()
 
 
 @dataclass
@@ -221,31 +223,40 @@ class Executor:
     def map(
         self,
         factory: WorkerFactory,
-        items: Sequence[Any],
+        items: Iterable[Any],
         resources: Resources = Resources(),
         desc: str = "",
     ) -> Iterator[Any]:
-        """Applies a worker built by `factory` to each item; yields results in item order."""
-        items = list(items)
-        self.stats["items"] += len(items)
+        """Applies a worker built by `factory` to each item; yields results in item order.
+
+        `items` may be any iterable, read lazily (a few items ahead of the results on Ray),
+        so one call can stream any number of items with one worker per process: a stage
+        that makes its items a window at a time hands the whole stream to one call."""
+        total = len(items) if isinstance(items, Sized) else None
+        it = iter(items)
+        first = next(it, _NOTHING)
+        if first is _NOTHING:
+            return
+        it = itertools.chain((first,), it)
         bar = tqdm(
-            total=len(items),
+            total=total,
             desc=desc,
             # bars on a terminal only: a log file gets the stages' summary lines, not
             # carriage-return frames of a bar
-            disable=not self.params.progress or not items or not sys.stderr.isatty(),
+            disable=not self.params.progress or not sys.stderr.isatty(),
             unit="task",
             leave=False,
         )
         try:
-            if self.backend == "local" or not items:
-                worker = factory() if items else None
-                for item in items:
+            if self.backend == "local":
+                worker = factory()
+                for item in it:
+                    self.stats["items"] += 1
                     result = worker(item)
                     bar.update(1)
                     yield result
             else:
-                yield from self._map_ray(factory, items, resources, bar)
+                yield from self._map_ray(factory, it, total, resources, bar)
         finally:
             bar.close()
 
@@ -298,10 +309,12 @@ class Executor:
             for a in pool.actors:
                 self._ray.kill(a)
 
-    def _map_ray(self, factory, items, resources: Resources, bar) -> Iterator[Any]:
-        """In item order, at most two items in flight per actor (bounded memory)."""
+    def _map_ray(self, factory, items: Iterator[Any], total: int | None, resources: Resources,
+                 bar) -> Iterator[Any]:
+        """In item order, at most two items in flight per actor (bounded memory); items are
+        drawn from the iterator only as actors free up."""
         ray = self._ensure_ray()
-        n = self._pool_size(resources, len(items))
+        n = self._pool_size(resources, total if total is not None else sys.maxsize)
         actors = self._pool(resources, n).actors[:n]
         boxed = [ray.put(factory)]
         busy = {i: 0 for i in range(n)}
@@ -309,15 +322,23 @@ class Executor:
         done: dict[int, Any] = {}
         next_item = emitted = 0
         window = 2 * n
-        while emitted < len(items):
-            while next_item < len(items) and next_item - emitted < 2 * window:
+        exhausted = False
+        while True:
+            while not exhausted and next_item - emitted < 2 * window:
                 a = min(busy, key=lambda i: (busy[i], i))
                 if busy[a] >= 2:
                     break
-                ref = actors[a].call.remote(boxed, items[next_item])
+                item = next(items, _NOTHING)
+                if item is _NOTHING:
+                    exhausted = True
+                    break
+                ref = actors[a].call.remote(boxed, item)
                 in_flight[ref] = (next_item, a)
                 busy[a] += 1
                 next_item += 1
+                self.stats["items"] += 1
+            if not in_flight:
+                break  # nothing left to submit or to wait for: everything was emitted
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
                 i, a = in_flight.pop(ref)

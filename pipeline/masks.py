@@ -99,7 +99,7 @@ REASONS = (
     "mask_error",
 )
 
-_WINDOW_ROWS = 20_000  # rows handed to the executor per call, so manifests stream
+_WINDOW_ROWS = 20_000  # manifest rows read at a time (the executor draws their chunks lazily)
 
 
 @dataclass(frozen=True)
@@ -1018,20 +1018,22 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     quality: list[float] = []
     ious: list[float] = []
     with ManifestWriter(out / "manifest.parquet") as writer:
-        for window in _windows(iter_records(inputs["manifest"]), _WINDOW_ROWS):
-            results = executor.map(factory, chunked(window, batch), Resources(cpus=1), desc="masks")
-            for chunk in results:
-                for r in chunk:
-                    writer.write(r)
-                    if r.stage == "masks" and r.status != "ok":
-                        reasons[r.status] += 1
-                    if r.status == "ok":
-                        sources[r.mask_source] += 1
-                        if r.mask_source == "derived":
-                            if r.mask_quality is not None:
-                                quality.append(r.mask_quality)
-                            if r.mask_iou_requested is not None:
-                                ious.append(r.mask_iou_requested)
+        # one map call over the whole manifest (its workers are built once), read a window
+        # of rows at a time
+        chunks = (c for window in _windows(iter_records(inputs["manifest"]), _WINDOW_ROWS)
+                  for c in chunked(window, batch))
+        for chunk in executor.map(factory, chunks, Resources(cpus=1), desc="masks"):
+            for r in chunk:
+                writer.write(r)
+                if r.stage == "masks" and r.status != "ok":
+                    reasons[r.status] += 1
+                if r.status == "ok":
+                    sources[r.mask_source] += 1
+                    if r.mask_source == "derived":
+                        if r.mask_quality is not None:
+                            quality.append(r.mask_quality)
+                        if r.mask_iou_requested is not None:
+                            ious.append(r.mask_iou_requested)
     metrics: dict[str, Any] = counts(iter_records(out / "manifest.parquet"))
     metrics["rejected"] = dict(sorted(reasons.items()))
     metrics["rejected_total"] = sum(reasons.values())

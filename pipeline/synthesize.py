@@ -38,13 +38,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import itertools
 import logging
 import re
 import sys
 from array import array
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -67,7 +66,7 @@ from pipeline.stage import Stage
 log = logging.getLogger(__name__)
 
 DOMAIN_NAMES = ("document", "natural", "face", "aigc")
-_WINDOW_JOBS = 20_000  # a generator's jobs handed to the executor per call
+_WINDOW_JOBS = 20_000  # a generator's jobs made into dicts at a time (one map call per generator)
 DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
@@ -692,22 +691,42 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
             factory = _Factory(name, spec, p, str(data_dir))
             version = registry.generator_class(name).version
             n_ok = n_reused = 0
-            # jobs become dicts a window at a time (kept rows of a window first)
-            for start in range(0, len(todo), _WINDOW_JOBS):
-                window = todo[start : start + _WINDOW_JOBS]
-                kept = [prior[j["key"]] for j in window
-                        if _reusable(prior.get(j["key"]), j, name, version, data_dir)]
-                kept_keys = {r.key for r in kept}
-                window = [j for j in window if j["key"] not in kept_keys]
-                batches = executor.map(factory, chunked(window, size), res,
-                                       desc=f"synthesize {name}")
-                for rec in itertools.chain(kept, (Record(**row) for rows in batches
-                                                  for row in rows)):
-                    n_ok += rec.status == "ok"
-                    summary[_Summary(rec.status, rec.domain, rec.operation, rec.generator,
-                                     rec.label, rec.split, rec.model_id)] += 1
-                    w.write(rec)
-                n_reused += len(kept)
+            # per job in plan order: the earlier row it reuses, or None (forged now)
+            slots: deque[Record | None] = deque()
+
+            def forge_items(todo=todo, name=name, version=version, slots=slots, size=size):
+                """The jobs to forge, in chunks; jobs become dicts a window at a time."""
+                for start in range(0, len(todo), _WINDOW_JOBS):
+                    forge = []
+                    for j in todo[start : start + _WINDOW_JOBS]:
+                        old = prior.get(j["key"])
+                        if _reusable(old, j, name, version, data_dir):
+                            slots.append(old)
+                        else:
+                            slots.append(None)
+                            forge.append(j)
+                    yield from chunked(forge, size)
+
+            def in_plan_order(forged: Iterator[Record], slots=slots
+                              ) -> Iterator[tuple[Record, bool]]:
+                """(row, reused) for reused and forged rows in plan order, whatever the
+                window size (a worker returns one row per job, in job order)."""
+                for rec in forged:
+                    while slots[0] is not None:
+                        yield slots.popleft(), True
+                    slots.popleft()
+                    yield rec, False
+                while slots:
+                    yield slots.popleft(), True
+
+            # one map call per generator: its workers are built once, whatever the windows
+            batches = executor.map(factory, forge_items(), res, desc=f"synthesize {name}")
+            for rec, reused in in_plan_order(Record(**row) for rows in batches for row in rows):
+                n_ok += rec.status == "ok"
+                n_reused += reused
+                summary[_Summary(rec.status, rec.domain, rec.operation, rec.generator,
+                                 rec.label, rec.split, rec.model_id)] += 1
+                w.write(rec)
             per_generator[name] = {"planned": len(todo), "ok": n_ok, "reused": n_reused}
     metrics = counts(k for k, c in summary.items() for _ in range(c))
     metrics["sources"] = len(sources)

@@ -39,6 +39,16 @@ def test_local_map_keeps_order_and_runs_in_process():
     assert [v for v, _ in out] == [i * i for i in range(7)]
     assert {pid for _, pid in out} == {os.getpid()}
     assert ex.stats["items"] == 7 and ex.stats["workers_started"] == 0
+    # any iterable, read lazily: the worker is built once, and not at all for no items
+    built = []
+
+    def factory():
+        built.append(1)
+        return lambda x: x + 1
+
+    gen = ex.map(factory, (i for i in range(3)))
+    assert next(gen) == 1 and built == [1] and list(gen) == [2, 3] and built == [1]
+    assert list(ex.map(factory, iter(()))) == [] and built == [1]
 
 
 def test_local_run_job_is_one_in_process_worker():
@@ -65,6 +75,21 @@ def test_ray_pool_is_sized_to_the_cluster_and_reused_across_maps():
         second = list(ex.map(_Square(), range(10), Resources(cpus=1)))
         assert {pid for _, pid in second} <= pids  # the same processes: nothing restarted
         assert ex.reset_stats()["workers_started"] == 0
+        # a lazy stream of items: drawn a few ahead of the results, one worker per process
+        drawn: list[int] = []
+
+        def stream():
+            for i in range(30):
+                drawn.append(i)
+                yield i
+
+        results = ex.map(_Square(), stream(), Resources(cpus=1))
+        got = [next(results) for _ in range(3)]
+        assert [v for v, _ in got] == [0, 1, 4] and 3 <= len(drawn) <= 3 + 2 * 2 * 2 + 1
+        got += list(results)
+        assert [v for v, _ in got] == [i * i for i in range(30)] and len(drawn) == 30
+        assert {pid for _, pid in got} <= pids and ex.reset_stats()["items"] == 30
+        assert list(ex.map(_Square(), iter([]), Resources(cpus=1))) == []
         # a two-worker distributed job through Ray Train, after the pool gave its CPUs back
         got = ex.run_job(_job, {"x": 3}, workers=2, resources=Resources(cpus=0.5))
         assert got["rank"] == 0 and got["world"] == 2 and got["x"] == 3

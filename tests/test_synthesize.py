@@ -277,14 +277,39 @@ def test_sources_are_read_as_slim_rows_and_plan_the_same(tmp_path):
 def test_jobs_go_to_the_executor_in_windows_with_the_same_output(tmp_path, corpus,
                                                                  monkeypatch):
     """A generator's jobs become dicts a window at a time: windows of one job give the
-    same rows, bytes and metrics as one window."""
+    same rows, bytes and metrics as one window, build each generator once, and with `reuse`
+    put reused and forged rows in plan order (the order of a fresh run)."""
+    built: Counter = Counter()
+    factory_call = synthesize._Factory.__call__
+
+    def counted(self):
+        built[self.name] += 1
+        return factory_call(self)
+
+    monkeypatch.setattr(synthesize._Factory, "__call__", counted)
     synth = {"generators": gens(copy_move=1, removal=1), "per_source": 2}
-    _, m1, _, a = _run(tmp_path / "one", corpus, **synth)
+    params, m1, _, a = _run(tmp_path / "one", corpus, **synth)
+    assert built == {"copy_move": 1, "removal": 1}
     monkeypatch.setattr(synthesize, "_WINDOW_JOBS", 1)
     _, m2, _, b = _run(tmp_path / "two", corpus, **synth)
+    assert built == {"copy_move": 2, "removal": 2}  # once per run, not once per window
     assert len(a) >= 6 and max(v["planned"] for v in m1["per_generator"].values()) >= 3
     assert [(r.key, r.status, r.sha256) for r in a] == [(r.key, r.status, r.sha256) for r in b]
     assert m1["per_generator"] == m2["per_generator"]
+
+    # reuse with one forgery's file gone: it alone is forged again, in its place
+    lost = next(r for r in a[1:] if r.status == "ok" and r.generator == "copy_move")
+    for window in (1, 20_000):
+        monkeypatch.setattr(synthesize, "_WINDOW_JOBS", window)
+        (params.data / lost.blob).unlink()
+        built.clear()
+        p2 = _params(params.data, corpus, **synth, reuse=True)
+        out = params.data / "synthesize"
+        m = synthesize.run(p2, {"manifest": params.data / "ingest" / "manifest.parquet"}, out,
+                           local_executor())
+        again = [r for r in read_records(out / "manifest.parquet") if r.stage == "synthesize"]
+        assert [(r.key, r.sha256) for r in again] == [(r.key, r.sha256) for r in a], window
+        assert m["reused"] == len(a) - 1 and built == {"copy_move": 1}, window
 
 
 def test_plan_respects_generator_and_domain_weights():
