@@ -142,8 +142,12 @@ class ManifestWriter:
     # each), so small groups make a 10^8-row manifest's footer hundreds of MB
     ROW_GROUP = 16384
 
-    def __init__(self, path: str | os.PathLike, batch_size: int = ROW_GROUP):
+    def __init__(self, path: str | os.PathLike, batch_size: int = ROW_GROUP,
+                 partial: str | os.PathLike | None = None):
+        """`partial`: where the rows written so far go when the writer is left by an
+        exception (else they are dropped with the temp file)."""
         self.path = Path(path)
+        self.partial = Path(partial) if partial is not None else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # unique per writer: two processes never share a temp file
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{id(self):x}.tmp")
@@ -179,7 +183,13 @@ class ManifestWriter:
         if exc_type is None:
             self.close()
         else:
-            self._writer.close()
+            try:
+                if self.partial is not None:
+                    self._flush()
+            finally:
+                self._writer.close()
+            if self.partial is not None:
+                os.replace(self._tmp, self.partial)
             self._tmp.unlink(missing_ok=True)
 
 

@@ -628,6 +628,63 @@ class _Worker:
         return rec.replace(parent_blob=src.blob, mask_source="derived")
 
 
+def _write_rows(w: ManifestWriter, source_manifest: Path, p: SynthesizeParams,
+                jobs: dict[str, Jobs], prior: dict[str, Record], executor: Executor,
+                data_dir: Path, batch_size: int, summary: Counter,
+                per_generator: dict[str, dict[str, int]]) -> None:
+    """The input rows, then each generator's rows (reused or forged) in plan order."""
+    for r in iter_records(source_manifest):
+        w.write(r)
+    for name in p.generators:
+        todo = jobs.get(name, [])
+        if not todo:
+            continue
+        spec = p.generators[name]
+        gpu = spec.device.startswith("cuda")
+        size = spec.batch_size if gpu else max(1, min(spec.batch_size, batch_size))
+        res = Resources(cpus=1, gpus=spec.num_gpus if gpu else 0.0)
+        factory = _Factory(name, spec, p, str(data_dir))
+        version = registry.generator_class(name).version
+        n_ok = n_reused = 0
+        # per job in plan order: the earlier row it reuses, or None (forged now)
+        slots: deque[Record | None] = deque()
+
+        def forge_items(todo=todo, name=name, version=version, slots=slots, size=size):
+            """The jobs to forge, in chunks; jobs become dicts a window at a time."""
+            for start in range(0, len(todo), _WINDOW_JOBS):
+                forge = []
+                for j in todo[start : start + _WINDOW_JOBS]:
+                    old = prior.get(j["key"])
+                    if _reusable(old, j, name, version, data_dir):
+                        slots.append(old)
+                    else:
+                        slots.append(None)
+                        forge.append(j)
+                yield from chunked(forge, size)
+
+        def in_plan_order(forged: Iterator[Record], slots=slots
+                          ) -> Iterator[tuple[Record, bool]]:
+            """(row, reused) for reused and forged rows in plan order, whatever the
+            window size (a worker returns one row per job, in job order)."""
+            for rec in forged:
+                while slots[0] is not None:
+                    yield slots.popleft(), True
+                slots.popleft()
+                yield rec, False
+            while slots:
+                yield slots.popleft(), True
+
+        # one map call per generator: its workers are built once, whatever the windows
+        batches = executor.map(factory, forge_items(), res, desc=f"synthesize {name}")
+        for rec, reused in in_plan_order(Record(**row) for rows in batches for row in rows):
+            n_ok += rec.status == "ok"
+            n_reused += reused
+            summary[_Summary(rec.status, rec.domain, rec.operation, rec.generator,
+                             rec.label, rec.split, rec.model_id)] += 1
+            w.write(rec)
+        per_generator[name] = {"planned": len(todo), "ok": n_ok, "reused": n_reused}
+
+
 def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) -> dict[str, Any]:
     p: SynthesizeParams = params.synthesize
     data_dir = params.data
@@ -676,58 +733,20 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     # forged rows stream into the manifest as they come; only their counts stay in memory
     summary: Counter = Counter()
     per_generator: dict[str, dict[str, int]] = {}
-    with ManifestWriter(manifest) as w:
-        for r in iter_records(inputs["manifest"]):
-            w.write(r)
-        for name in p.generators:
-            todo = jobs.get(name, [])
-            if not todo:
-                continue
-            spec = p.generators[name]
-            gpu = spec.device.startswith("cuda")
-            size = spec.batch_size if gpu else max(1, min(spec.batch_size,
-                                                          params.executor.batch_size))
-            res = Resources(cpus=1, gpus=spec.num_gpus if gpu else 0.0)
-            factory = _Factory(name, spec, p, str(data_dir))
-            version = registry.generator_class(name).version
-            n_ok = n_reused = 0
-            # per job in plan order: the earlier row it reuses, or None (forged now)
-            slots: deque[Record | None] = deque()
-
-            def forge_items(todo=todo, name=name, version=version, slots=slots, size=size):
-                """The jobs to forge, in chunks; jobs become dicts a window at a time."""
-                for start in range(0, len(todo), _WINDOW_JOBS):
-                    forge = []
-                    for j in todo[start : start + _WINDOW_JOBS]:
-                        old = prior.get(j["key"])
-                        if _reusable(old, j, name, version, data_dir):
-                            slots.append(old)
-                        else:
-                            slots.append(None)
-                            forge.append(j)
-                    yield from chunked(forge, size)
-
-            def in_plan_order(forged: Iterator[Record], slots=slots
-                              ) -> Iterator[tuple[Record, bool]]:
-                """(row, reused) for reused and forged rows in plan order, whatever the
-                window size (a worker returns one row per job, in job order)."""
-                for rec in forged:
-                    while slots[0] is not None:
-                        yield slots.popleft(), True
-                    slots.popleft()
-                    yield rec, False
-                while slots:
-                    yield slots.popleft(), True
-
-            # one map call per generator: its workers are built once, whatever the windows
-            batches = executor.map(factory, forge_items(), res, desc=f"synthesize {name}")
-            for rec, reused in in_plan_order(Record(**row) for rows in batches for row in rows):
-                n_ok += rec.status == "ok"
-                n_reused += reused
-                summary[_Summary(rec.status, rec.domain, rec.operation, rec.generator,
-                                 rec.label, rec.split, rec.model_id)] += 1
-                w.write(rec)
-            per_generator[name] = {"planned": len(todo), "ok": n_ok, "reused": n_reused}
+    # rows written before a failure (a worker lost, the run stopped) are kept beside the
+    # manifest, so a rerun with `reuse` forges only the rest
+    partial = manifest.with_name("manifest.partial.parquet")
+    try:
+        with ManifestWriter(manifest, partial=partial) as w:
+            _write_rows(w, inputs["manifest"], p, jobs, prior, executor, data_dir,
+                        params.executor.batch_size, summary, per_generator)
+    except BaseException:
+        if partial.exists():
+            log.warning("synthesize: stopped; the %d rows written so far are in %s (a rerun "
+                        "with synthesize.reuse: true forges only the rest)",
+                        pq.ParquetFile(partial).metadata.num_rows, partial)
+        raise
+    partial.unlink(missing_ok=True)
     metrics = counts(k for k, c in summary.items() for _ in range(c))
     metrics["sources"] = len(sources)
     metrics["per_generator"] = per_generator
@@ -751,10 +770,13 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
 
 
 def _prior_rows(manifest: Path) -> dict[str, Record]:
-    """The forgeries of this stage's previous output, by key."""
-    if not manifest.exists():
-        return {}
-    return {r.key: r for r in iter_records(manifest) if r.kind == "synthesized"}
+    """The forgeries of this stage's previous output, by key: its manifest, then the rows a
+    stopped run left in `manifest.partial.parquet` (newer: they win)."""
+    out: dict[str, Record] = {}
+    for path in (manifest, manifest.with_name("manifest.partial.parquet")):
+        if path.exists():
+            out.update((r.key, r) for r in iter_records(path) if r.kind == "synthesized")
+    return out
 
 
 def _reusable(r: Record | None, job: dict[str, Any], name: str, version: str,

@@ -312,6 +312,43 @@ def test_jobs_go_to_the_executor_in_windows_with_the_same_output(tmp_path, corpu
         assert m["reused"] == len(a) - 1 and built == {"copy_move": 1}, window
 
 
+def test_a_stopped_run_keeps_its_rows_and_a_reuse_rerun_forges_only_the_rest(
+        tmp_path, corpus, monkeypatch):
+    """A failure that escapes the workers (a lost worker, an interrupt) leaves the rows
+    written so far in `manifest.partial.parquet`; a rerun with `reuse` takes them and forges
+    the rest, to the manifest of an uninterrupted run."""
+    synth = {"generators": gens(copy_move=1, removal=1), "per_source": 2}
+    params, _, _, fresh = _run(tmp_path / "fresh", corpus, **synth)
+    calls = Counter()
+    worker_call = synthesize._Worker.__call__
+
+    def flaky(self, jobs):
+        calls["jobs"] += len(jobs)
+        if calls["jobs"] > 3 and not calls["failed"]:
+            calls["failed"] += 1
+            raise RuntimeError("worker lost")
+        return worker_call(self, jobs)
+
+    monkeypatch.setattr(synthesize._Worker, "__call__", flaky)
+    p1 = _params(tmp_path / "run", corpus, **synth, reuse=True)
+    ex = local_executor()
+    run_stage("ingest", p1, ex)
+    out = p1.data / "synthesize"
+    inputs = {"manifest": p1.data / "ingest" / "manifest.parquet"}
+    with pytest.raises(RuntimeError, match="worker lost"):
+        synthesize.run(p1, inputs, out, ex)
+    assert not (out / "manifest.parquet").exists()
+    kept = [r for r in read_records(out / "manifest.partial.parquet") if r.stage == "synthesize"]
+    assert 0 < len(kept) < len(fresh)
+    calls.clear()
+    calls["failed"] = 1
+    m = synthesize.run(p1, inputs, out, ex)
+    assert m["reused"] == len(kept) and calls["jobs"] == len(fresh) - len(kept)
+    again = [r for r in read_records(out / "manifest.parquet") if r.stage == "synthesize"]
+    assert [(r.key, r.sha256) for r in again] == [(r.key, r.sha256) for r in fresh]
+    assert not (out / "manifest.partial.parquet").exists()
+
+
 def test_plan_respects_generator_and_domain_weights():
     sources = _fake_sources(400, "natural")
     p = synthesize.SynthesizeParams(
