@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import operator
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
@@ -233,6 +234,8 @@ class Executor:
         so one call can stream any number of items with one worker per process: a stage
         that makes its items a window at a time hands the whole stream to one call."""
         total = len(items) if isinstance(items, Sized) else None
+        # how many items to size a Ray pool for: the length, else the iterable's hint
+        expect = total if total is not None else operator.length_hint(items, 0) or None
         it = iter(items)
         first = next(it, _NOTHING)
         if first is _NOTHING:
@@ -256,7 +259,7 @@ class Executor:
                     bar.update(1)
                     yield result
             else:
-                yield from self._map_ray(factory, it, total, resources, bar)
+                yield from self._map_ray(factory, it, expect, resources, bar)
         finally:
             bar.close()
 
@@ -309,12 +312,13 @@ class Executor:
             for a in pool.actors:
                 self._ray.kill(a)
 
-    def _map_ray(self, factory, items: Iterator[Any], total: int | None, resources: Resources,
+    def _map_ray(self, factory, items: Iterator[Any], expect: int | None, resources: Resources,
                  bar) -> Iterator[Any]:
         """In item order, at most two items in flight per actor (bounded memory); items are
-        drawn from the iterator only as actors free up."""
+        drawn from the iterator only as actors free up. The pool is sized for `expect`
+        items (None: unknown, the whole cluster)."""
         ray = self._ensure_ray()
-        n = self._pool_size(resources, total if total is not None else sys.maxsize)
+        n = self._pool_size(resources, expect if expect is not None else sys.maxsize)
         actors = self._pool(resources, n).actors[:n]
         boxed = [ray.put(factory)]
         busy = {i: 0 for i in range(n)}

@@ -472,7 +472,9 @@ class HammingIndex:
         """Edges (a < b) between indices into `unique` within the threshold.
 
         `spanning=False`: every such pair. `spanning=True`: a task whose pairs outnumber its
-        hashes returns a spanning forest of them instead (same components, linear memory).
+        hashes returns a spanning forest of them instead (same components, linear memory):
+        edges from each member to its component's smallest index, which may be farther
+        apart than the threshold (dedup's `pairs` figure counts these edges).
         `verify(a, b)` (picklable) refuses candidate pairs before they count; it runs in the
         workers, before any forest is taken, so components are those of the verified pairs.
         """
@@ -507,9 +509,11 @@ class HammingIndex:
             return e, e, e
         order = np.argsort(q, kind="stable")  # equal queries in runs, no inverse array
         sq = q[order]
+        small = np.int32 if len(q) < 2**31 else np.int64  # held through every table
+        order = order.astype(small)
         head = np.ones(len(sq), bool)
         head[1:] = sq[1:] != sq[:-1]
-        start = np.append(np.flatnonzero(head), len(sq))
+        start = np.append(np.flatnonzero(head), len(sq)).astype(small)
         uq = sq[head]
         del sq, head
         factory = partial(_query_worker, self.unique, uq, self.threshold, verify)

@@ -628,6 +628,19 @@ class _Worker:
         return rec.replace(parent_blob=src.blob, mask_source="derived")
 
 
+class _Hinted:
+    """An iterator with a length hint (`operator.length_hint`), for sizing a worker pool."""
+
+    def __init__(self, it: Iterator[Any], hint: int):
+        self.it, self.hint = it, hint
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.it
+
+    def __length_hint__(self) -> int:
+        return self.hint
+
+
 def _write_rows(w: ManifestWriter, source_manifest: Path, p: SynthesizeParams,
                 jobs: dict[str, Jobs], prior: dict[str, Record], executor: Executor,
                 data_dir: Path, batch_size: int, summary: Counter,
@@ -675,7 +688,8 @@ def _write_rows(w: ManifestWriter, source_manifest: Path, p: SynthesizeParams,
                 yield slots.popleft(), True
 
         # one map call per generator: its workers are built once, whatever the windows
-        batches = executor.map(factory, forge_items(), res, desc=f"synthesize {name}")
+        chunks = _Hinted(forge_items(), -(-len(todo) // size))  # at most: sizes the pool
+        batches = executor.map(factory, chunks, res, desc=f"synthesize {name}")
         for rec, reused in in_plan_order(Record(**row) for rows in batches for row in rows):
             n_ok += rec.status == "ok"
             n_reused += reused

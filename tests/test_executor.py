@@ -22,6 +22,17 @@ class _Square:
         return lambda x: (x * x, pid)
 
 
+class _Hinted:
+    def __init__(self, it, hint):
+        self.it, self.hint = it, hint
+
+    def __iter__(self):
+        return self.it
+
+    def __length_hint__(self):
+        return self.hint
+
+
 def _job(ctx: JobContext, config: dict) -> dict:
     import torch
 
@@ -90,6 +101,9 @@ def test_ray_pool_is_sized_to_the_cluster_and_reused_across_maps():
         assert [v for v, _ in got] == [i * i for i in range(30)] and len(drawn) == 30
         assert {pid for _, pid in got} <= pids and ex.reset_stats()["items"] == 30
         assert list(ex.map(_Square(), iter([]), Resources(cpus=1))) == []
+        # an iterator's length hint sizes the pool it uses: a hint of 1, one worker
+        hinted = ex.map(_Square(), _Hinted(iter(range(6)), 1), Resources(cpus=1))
+        assert len({pid for _, pid in hinted}) == 1
         # a two-worker distributed job through Ray Train, after the pool gave its CPUs back
         got = ex.run_job(_job, {"x": 3}, workers=2, resources=Resources(cpus=0.5))
         assert got["rank"] == 0 and got["world"] == 2 and got["x"] == 3
