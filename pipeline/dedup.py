@@ -300,9 +300,10 @@ class Variants:
             return np.concatenate([getattr(v, name) for _, v in parts])
 
         fines = None if parts[0][1].probe_fine is None else cat("probe_fine")
+        rows = np.int32 if n < 2**31 else np.int64  # probes are several per row
         return cls(cat("key"), cat("fine"), cat("ok"),
-                   np.concatenate([v.probe_row + o for o, v in parts]), cat("probe"),
-                   cat("is_turn"), fines)
+                   np.concatenate([v.probe_row.astype(rows) + o for o, v in parts]),
+                   cat("probe"), cat("is_turn"), fines)
 
     def put(self, rows: np.ndarray, sub: Variants) -> None:
         """Sets rows (sorted) from `sub`, parsed from those rows' strings in that order."""
@@ -341,7 +342,7 @@ def parse_variants(values: pa.Array | pa.ChunkedArray, fines: bool = False) -> V
     sel = sel[v.ok[rows[sel]]]  # probes only next to a canonical hash
     words, ok = _hex_at(data, starts[sel] + 1, 5 if fines else 1)
     sel = sel[ok]
-    v.probe_row, v.probe = rows[sel], words[ok, 0].copy()
+    v.probe_row, v.probe = rows[sel].astype(np.int32), words[ok, 0].copy()  # rows of a batch
     v.is_turn = role[sel] == ord("a")
     if fines:
         v.probe_fine = words[ok, 1:].copy()
@@ -511,11 +512,10 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
     n = pf.metadata.num_rows
     ok_row, indexable, real, blocklist, forensic, has_phash, has_sha = (
         np.zeros(n, bool) for _ in range(7))
-    area, nbytes = np.zeros(n), np.zeros(n)
     phash = np.zeros(n, _U64)
     sha = np.zeros((n, 2), _U64)  # the first 128 bits of the sha256
     parts: list[tuple[int, Variants]] = []
-    cols = ["sha256", "phash", "status", "label", "kind", "width", "height", "nbytes"]
+    cols = ["sha256", "phash", "status", "label", "kind"]
     cols += ["phash_variants"] if "phash_variants" in names else []
     offset = 0
     for batch in _batches(manifest, cols):  # into numbers, batch by batch
@@ -528,8 +528,6 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
         real[sl] = _is(batch.column("label"), "real")
         blocklist[sl] = _is(kind, "blocklist") | _is(status, "benchmark")
         forensic[sl] = _is(kind, "forensic")
-        area[sl] = _num(batch.column("width")) * _num(batch.column("height"))
-        nbytes[sl] = _num(batch.column("nbytes"))
         phash[sl], has_phash[sl] = parse_phash(batch.column("phash"))
         sha[sl], has_sha[sl] = _hex_words(
             pc.utf8_slice_codeunits(batch.column("sha256"), 0, 32), 2)
@@ -565,6 +563,7 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
     indexed = has_phash & indexable
     use_var = var.ok & p.near  # near=False: identical pHash (as stored) only
     key = np.where(use_var, var.key, phash)
+    del phash
     idx_rows = np.flatnonzero(indexed)
     # graph nodes: rows [0, n), one node per distinct indexed hash, one per distinct sha256
     a_parts: list[np.ndarray] = []
@@ -660,13 +659,18 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
     rep = np.full(n, -1, np.int64)
     cand = np.flatnonzero(member & ok_row & ~blocklist)
     if cand.size:
+        # read only now: not held through the index
+        sizes = _open(manifest).read(columns=["width", "height", "nbytes"])
+        area = _num(sizes.column("width"))[cand] * _num(sizes.column("height"))[cand]
+        nbytes = _num(sizes.column("nbytes"))[cand]
+        del sizes
         unit_real = real[cand]
         unit = np.where(unit_real, root[cand], np.where(has_sha[cand], sha_id[cand], -1))
         # one unit namespace: real units by component, others by sha256 (else by row)
         kind_of = np.where(unit_real, 0, np.where(has_sha[cand], 1, 2))
         unit = np.where(kind_of == 2, cand, unit)
         # largest image, then most bytes, then the smallest key: deterministic
-        order = np.lexsort((key_rank[cand], -nbytes[cand], -area[cand], unit, kind_of))
+        order = np.lexsort((key_rank[cand], -nbytes, -area, unit, kind_of))
         u, k = unit[order], kind_of[order]
         head = np.ones(len(order), bool)
         head[1:] = (u[1:] != u[:-1]) | (k[1:] != k[:-1])
