@@ -233,8 +233,8 @@ def _peak_rss_mib() -> float:
 
 def child(stage: str, manifest: Path, scratch: Path) -> dict[str, Any]:
     fn = dict(STAGES)[stage]
-    import pyarrow  # noqa: F401 - imports are the baseline, not the stage
-
+    # imports (pyarrow through the pipeline, as `python -m pipeline` loads it: the pipeline
+    # picks Arrow's allocator first) are the baseline, not the stage
     import pipeline.dedup  # noqa: F401
 
     base = _peak_rss_mib()
