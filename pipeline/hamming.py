@@ -370,9 +370,15 @@ def spanning_forest(n: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, n
 def _pairs_worker(hashes: np.ndarray, threshold: int, spanning: bool, verify: Verify | None):
     def run(tables: list[Table]) -> tuple[np.ndarray, np.ndarray]:
         n = len(hashes)
-        aa, bb, count, bound = [np.empty(0, np.int64)], [np.empty(0, np.int64)], 0, n
+        aa, bb, count, bound = [np.empty(0, np.int64)], [np.empty(0, np.int64)], 0, n // 4
+        root = None  # spanning: component of each hash as of the last forest
         for t in tables:
             a, b = _table_pairs(hashes, t, threshold)
+            if root is not None and a.size:
+                # most pairs come back from table after table: those inside a component
+                # of the forest so far join nothing, so they are neither verified nor kept
+                new = root[a] != root[b]
+                a, b = a[new], b[new]
             if verify is not None and a.size:
                 ok = verify(a, b)
                 a, b = a[ok], b[ok]
@@ -381,9 +387,15 @@ def _pairs_worker(hashes: np.ndarray, threshold: int, spanning: bool, verify: Ve
             count += a.size
             if count > bound:  # one pair is found by many tables: drop the repeats
                 a, b = np.concatenate(aa), np.concatenate(bb)
-                # dense data: keep a spanning forest (same components) instead of every
-                # pair, so memory stays linear in the number of hashes
-                a, b = spanning_forest(n, a, b) if spanning else unique_edges(a, b, n)
+                aa = bb = []
+                if spanning:
+                    # dense data: keep a spanning forest (same components) instead of every
+                    # pair, so memory stays linear in the number of hashes
+                    root = union_find(n, a, b)
+                    a = np.flatnonzero(root != np.arange(n))
+                    b = root[a]
+                else:
+                    a, b = unique_edges(a, b, n)
                 aa, bb, count = [a], [b], a.size
                 bound = max(n, 2 * count)
         return unique_edges(np.concatenate(aa), np.concatenate(bb), n)
@@ -494,12 +506,16 @@ class HammingIndex:
         return union_find(len(self.unique), a, b)[self.inverse]
 
     def query(self, queries: np.ndarray, executor: Any = None, tables_per_task: int = 64,
-              verify: Verify | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              verify: Verify | None = None, chunk: int = 1 << 23
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(query index, index into `unique`, distance) for every stored hash within range.
 
         A batch join: per table one sort of the stored and one of the distinct queries, so
-        ask with many queries at once rather than one at a time. `verify(q, u)` gets indices
-        into the distinct queries (`np.unique(queries)`) and into `unique`.
+        ask with many queries at once rather than one at a time. Queries are answered
+        `chunk` at a time (the stored side is sorted again for each), so the working arrays
+        stay those of one chunk however many queries come. `verify(q, u)` gets indices into
+        the distinct queries (`np.unique(queries)`) and into `unique`; with it, all queries
+        are answered in one pass.
         """
         q = np.asarray(queries)
         if q.dtype != _U64:
@@ -507,6 +523,19 @@ class HammingIndex:
         e = np.empty(0, np.int64)
         if not len(q) or not len(self.unique):
             return e, e, e
+        step = len(q) if verify is not None else max(1, int(chunk))
+        parts = [self._query_chunk(q[lo : lo + step], lo, executor, tables_per_task, verify)
+                 for lo in range(0, len(q), step)]
+        qi = np.concatenate([a for a, _ in parts])
+        ui = np.concatenate([b for _, b in parts])
+        del parts
+        keep = np.lexsort((ui, qi))
+        qi, ui = qi[keep], ui[keep]
+        dist = np.bitwise_count(q[qi] ^ self.unique[ui]).astype(np.int64)
+        return qi, ui, dist
+
+    def _query_chunk(self, q: np.ndarray, offset: int, executor: Any, tables_per_task: int,
+                     verify: Verify | None) -> tuple[np.ndarray, np.ndarray]:
         order = np.argsort(q, kind="stable")  # equal queries in runs, no inverse array
         sq = q[order]
         small = np.int32 if len(q) < 2**31 else np.int64  # held through every table
@@ -521,18 +550,16 @@ class HammingIndex:
         ns = np.int64(len(self.unique))
         for a, b in _run_batches(factory, self.tables, tables_per_task, executor, "dedup query"):
             found.append(a * ns + b)
+        del uq, factory
         edge = np.unique(np.concatenate(found))
+        del found
         uqi, ui = edge // ns, edge % ns
         # back to query rows: every query row holding a matched distinct value
         counts = start[uqi + 1] - start[uqi]
         rep = np.repeat(np.arange(len(uqi)), counts)
-        offset = np.arange(len(rep)) - np.repeat(np.cumsum(counts) - counts, counts)
-        qi = order[start[uqi][rep] + offset].astype(np.int64)
-        ui = ui[rep]
-        keep = np.lexsort((ui, qi))
-        qi, ui = qi[keep], ui[keep]
-        dist = np.bitwise_count(q[qi] ^ self.unique[ui]).astype(np.int64)
-        return qi, ui, dist
+        at = np.arange(len(rep)) - np.repeat(np.cumsum(counts) - counts, counts)
+        qi = order[start[uqi][rep] + at].astype(np.int64) + offset
+        return qi, ui[rep]
 
 
 def brute_force_pairs(hashes: np.ndarray, threshold: int, rows: int = 128, cols: int = 4096

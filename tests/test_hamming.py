@@ -102,6 +102,34 @@ def test_dense_clusters_keep_components_with_a_spanning_forest():
         assert len(np.unique(g[k * 150 : (k + 1) * 150])) == 1
 
 
+def test_pairs_inside_a_component_so_far_are_not_verified_again():
+    """Near copies are found by table after table: once a task's forest holds a pair's
+    component, the pair is dropped before `verify`; components stay those of the accepted
+    pairs (here: refused pairs split a cluster that brute force would join)."""
+    rng = np.random.default_rng(11)
+    centres = rng.integers(0, 2**64, 8, dtype=np.uint64)
+    members = np.concatenate([flip(np.full(120, c), rng.integers(0, 3, 120), rng)
+                              for c in centres])
+    index = HammingIndex(members, 8, 10**5)
+    u = index.unique
+    asked = []
+
+    class OddBitsApart:  # refuses pairs whose lowest bits differ: a second opinion
+        def __call__(self, a, b):
+            asked.append(len(a))
+            return ((u[a] ^ u[b]) & np.uint64(1)) == 0
+
+    g = index.groups(verify=OddBitsApart())
+    ba, bb = brute_force_pairs(u, 8)
+    keep = OddBitsApart()(ba, bb)
+    assert (~keep).any() and keep.any()
+    assert same_partition(g, components(len(u), ba[keep], bb[keep])[index.inverse])
+    # every table finds most pairs of a cluster; without the filter each would be asked
+    found = sum(len(hamming.table_pairs(u, t, 8)[0]) for t in index.tables)
+    assert found > 5 * len(ba)
+    assert sum(asked[:-1]) < found / 3
+
+
 def test_verify_refuses_pairs_before_the_forest_is_taken():
     """A chain a-b-c where b-c is refused: components are those of the accepted pairs only."""
     rng = np.random.default_rng(9)
@@ -145,6 +173,9 @@ def test_query_equals_brute_force(threshold):
     bq, bu = brute_force_query(queries, index.unique, threshold)
     assert set(zip(bq.tolist(), bu.tolist())) == want
     assert set(zip(*(x.tolist() for x in index.query(queries, local_executor(), 5)[:2]))) == want
+    # answered 37 queries at a time (repeats split across chunks): the same rows, same order
+    for got, full in zip(index.query(queries, chunk=37), (qi, ui, dist)):
+        assert np.array_equal(got, full)
     e = index.query(np.empty(0, np.uint64))
     assert all(len(x) == 0 for x in e)
 
