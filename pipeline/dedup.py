@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -88,6 +89,9 @@ class DedupParams:
     # the fastest plan for this run
     capacity: int = 0
     tables_per_task: int = 64  # index tables per executor task
+    # probes (windows, turns) asked at a time: the query's working arrays hold about 56 bytes
+    # per probe of a chunk, and each further chunk sorts the stored hashes once more per table
+    probe_chunk: int = 1 << 24
 
     def __post_init__(self) -> None:
         if not 0 <= self.threshold <= 32:
@@ -103,6 +107,8 @@ class DedupParams:
             raise ValueError(f"dedup.capacity: {self.capacity}; allowed: >= 0")
         if self.tables_per_task < 1:
             raise ValueError(f"dedup.tables_per_task: {self.tables_per_task}; allowed: >= 1")
+        if self.probe_chunk < 1:
+            raise ValueError(f"dedup.probe_chunk: {self.probe_chunk}; allowed: >= 1")
 
 
 # --------------------------------------------------------------------------- image hashes
@@ -499,13 +505,53 @@ class Plan:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
+class _ProbeSpill:
+    """The probes (window and turn hashes), written to scratch files as the batches are
+    parsed and read back a chunk at a time: the driver never holds them all (several per
+    row: at 10^7 rows about 43 million, 0.6 GB)."""
+
+    FIELDS = (("row", np.int64), ("probe", _U64), ("is_turn", np.bool_))
+
+    def __init__(self, folder: str | os.PathLike):
+        self.paths = {f: Path(folder) / f"probes.{f}" for f, _ in self.FIELDS}
+        self._files = {f: open(path, "wb") for f, path in self.paths.items()}
+        self.n = 0
+
+    def add(self, rows: np.ndarray, probe: np.ndarray, is_turn: np.ndarray) -> None:
+        for (f, dt), arr in zip(self.FIELDS, (rows, probe, is_turn)):
+            self._files[f].write(np.ascontiguousarray(arr, dt).tobytes())
+        self.n += len(rows)
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+
+    def chunks(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(rows, probes, is_turn) of `size` probes at a time, in the order they were added."""
+        self.close()
+        for lo in range(0, self.n, size):
+            count = min(size, self.n - lo)
+            yield tuple(np.fromfile(self.paths[f], dt, count=count,  # type: ignore[misc]
+                                    offset=lo * np.dtype(dt).itemsize)
+                        for f, dt in self.FIELDS)
+
+
 def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None = None,
-         data_dir: str | os.PathLike | None = None) -> Plan:
+         data_dir: str | os.PathLike | None = None,
+         scratch: str | os.PathLike | None = None) -> Plan:
     """Groups and duplicates of every row of a manifest, with array operations only.
 
     Reads the columns it needs once (`phash_variants` in batches, parsed into integers);
-    hashes the stored bytes (under `data_dir`) of rows that lack `phash_variants`.
+    hashes the stored bytes (under `data_dir`) of rows that lack `phash_variants`. The
+    probes go to a temporary folder under `scratch` (default: the system's) while the
+    self-join runs, and come back a chunk at a time for the query.
     """
+    with tempfile.TemporaryDirectory(prefix="dedup-", dir=scratch) as tmp:
+        return _plan(manifest, p, executor, data_dir, Path(tmp))
+
+
+def _plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None,
+          data_dir: str | os.PathLike | None, tmp: Path) -> Plan:
     t_start = time.perf_counter()
     pf = _open(manifest)
     names = set(pf.schema_arrow.names)
@@ -515,6 +561,7 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
     phash = np.zeros(n, _U64)
     sha = np.zeros((n, 2), _U64)  # the first 128 bits of the sha256
     parts: list[tuple[int, Variants]] = []
+    spill = _ProbeSpill(tmp)
     cols = ["sha256", "phash", "status", "label", "kind"]
     cols += ["phash_variants"] if "phash_variants" in names else []
     offset = 0
@@ -532,7 +579,10 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
         sha[sl], has_sha[sl] = _hex_words(
             pc.utf8_slice_codeunits(batch.column("sha256"), 0, 32), 2)
         if "phash_variants" in names:
-            parts.append((offset, parse_variants(batch.column("phash_variants"))))
+            v = parse_variants(batch.column("phash_variants"))
+            spill.add(v.probe_row.astype(np.int64) + offset, v.probe, v.is_turn)
+            v.probe_row, v.probe, v.is_turn = v.probe_row[:0], v.probe[:0], v.is_turn[:0]
+            parts.append((offset, v))
         offset += batch.num_rows
     sha_id, sha_rank = _sha_ids(sha, has_sha)
     del sha
@@ -557,6 +607,9 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
         if computed:
             rows = np.array(sorted(computed), np.int64)
             var.put(rows, parse_variants(pa.array([computed[int(r)] for r in rows])))
+    spill.add(var.probe_row, var.probe, var.is_turn)  # those of the rows hashed here
+    var.probe_row = var.probe = var.is_turn = None  # type: ignore[assignment]
+    spill.close()
     hash_s = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
@@ -564,11 +617,15 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
     use_var = var.ok & p.near  # near=False: identical pHash (as stored) only
     key = np.where(use_var, var.key, phash)
     del phash
+    var.key = None  # type: ignore[assignment]  # `key` from here on
+    # the rows' 256-bit hashes outlive the index only for forensic links (tampered rows of a
+    # forensic source): otherwise the index's copy per distinct hash is all that is read
+    keep_fine = bool((forensic & ~real & indexed).any()) and p.near
     idx_rows = np.flatnonzero(indexed)
     # graph nodes: rows [0, n), one node per distinct indexed hash, one per distinct sha256
     a_parts: list[np.ndarray] = []
     b_parts: list[np.ndarray] = []
-    nu, index, windex = 0, None, None
+    nu, index, windex, verify = 0, None, None, None
     figures: dict[str, Any] = {}
     if idx_rows.size:
         index = HammingIndex(key[idx_rows], p.threshold if p.near else 0, p.capacity)
@@ -577,6 +634,8 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
         b_parts.append(n + index.inverse.astype(np.int64))
         first = idx_rows[_first_of(index.inverse, nu)]
         node_fine, node_fine_ok = var.fine[first], use_var[first]
+        if not keep_fine:
+            var.fine = None  # type: ignore[assignment]
         check = p.verify_bits < 256
         if p.near and p.threshold > 0:
             verify = (_FineCheck(node_fine, node_fine_ok, node_fine, node_fine_ok, p.verify_bits)
@@ -589,34 +648,46 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
             # windows (crops) and the other turns of ambiguous orientations, in one batch
             # query against the whole images; the probe's 256-bit hash must agree too,
             # checked for the few that match (their 256-bit hashes are read back then)
-            keep_probe = indexed[var.probe_row]
-            if not keep_probe.all():  # narrowed in place: no second copy of the probes
-                var.probe, var.probe_row = var.probe[keep_probe], var.probe_row[keep_probe]
-                var.is_turn = var.is_turn[keep_probe]
-            del keep_probe
-            if var.probe.size:
-                probes, owner = var.probe, var.probe_row
-                windex = HammingIndex(index.unique, p.probe_threshold, p.capacity)
-                qi, ui, _ = windex.query(probes, executor, p.tables_per_task)
+            owners, values, nodes = [], [], []
+            probes = turns = 0
+            for owner, probe, is_turn in spill.chunks(p.probe_chunk):
+                keep = indexed[owner]
+                owner, probe = owner[keep], probe[keep]
+                probes += int(keep.sum())
+                turns += int(is_turn[keep].sum())
+                del keep, is_turn
+                if not owner.size:
+                    continue
+                if windex is None:
+                    windex = HammingIndex(index.unique, p.probe_threshold, p.capacity)
+                qi, ui, _ = windex.query(probe, executor, p.tables_per_task,
+                                        chunk=p.probe_chunk)
                 keep = index.inverse[np.searchsorted(idx_rows, owner[qi])] != ui  # not itself
                 qi, ui = qi[keep], ui[keep]
-                if check and qi.size:
-                    pf, found = _probe_fines(manifest, computed, owner[qi], probes[qi])
+                owners.append(owner[qi])
+                values.append(probe[qi])
+                nodes.append(ui)
+                del owner, probe, qi, ui, keep
+            if windex is not None:
+                owner, probe = np.concatenate(owners), np.concatenate(values)
+                ui = np.concatenate(nodes)
+                del owners, values, nodes
+                if check and owner.size:
+                    pf, found = _probe_fines(manifest, computed, owner, probe)
                     ok = np.bitwise_count(pf ^ node_fine[ui]).sum(axis=1) <= p.verify_bits
                     keep = ok | ~found | ~node_fine_ok[ui]
                     figures["probe_matches_refused"] = int((~keep).sum())
-                    qi, ui = qi[keep], ui[keep]
-                a_parts.append(owner[qi])
+                    owner, ui = owner[keep], ui[keep]
+                a_parts.append(owner)
                 b_parts.append(n + ui)
-                figures["probe_matches"] = int(qi.size)
-                del probes, owner, qi, ui
-            figures["probes"] = int(var.probe.size)
-            figures["probe_turns"] = int(var.is_turn.sum())
+                figures["probe_matches"] = int(owner.size)
+                del owner, probe, ui
+            figures["probes"] = probes
+            figures["probe_turns"] = turns
         figures.update(index_tables=len(index.tables), planned_for=int(index.planned),
                        probe_tables=len(windex.tables) if windex is not None else 0)
         # what the grouping below does not read: freed before it allocates its own
-        del node_fine, node_fine_ok, first, index, windex
-    var.probe_row = var.probe = var.is_turn = None  # type: ignore[assignment]
+        del node_fine, node_fine_ok, first, index, windex, verify
     pa.default_memory_pool().release_unused()
     sha_rows = np.flatnonzero(has_sha & (indexed | ok_row))
     nsha = int(sha_id.max()) + 1 if has_sha.any() else 0
@@ -633,6 +704,7 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
     fa, fb, ffig = forensic_links(
         manifest, p, executor, data_dir, member=member, real=real & ok_row, forensic=forensic,
         tampered=~real & indexed, key=key, has_key=indexed, fine=var.fine, fine_ok=use_var)
+    var.fine = None  # type: ignore[assignment]
     gid_root = root
     if fa.size:  # root[i] is a row (the smallest of its component): join rows only
         gid_root = union_find(n, np.concatenate([np.arange(n), fa]), np.concatenate([root, fb]))
@@ -653,6 +725,8 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
         group_rows = mem[order][head]  # the row naming each group
         gidx = np.cumsum(head) - 1
         group[mem[order]] = gidx
+        del content, order, comp, head, gidx
+    del mem, gid_root
 
     # representatives: real rows keep one per group of copies; tampered/synthetic rows keep
     # one per sha256 (two forgeries of one photo are near-duplicates by design, not copies)
@@ -677,8 +751,11 @@ def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None 
         first = np.flatnonzero(head)
         lead = cand[order][first[np.cumsum(head) - 1]]
         rows = cand[order]
+        del order, u, k, head, first, unit, kind_of, unit_real, area, nbytes
         dup = rows != lead
         rep[rows[dup]] = lead[dup]
+        del rows, lead, dup
+    del cand, root, key_rank, sha_rank
     is_dup = rep >= 0
     exact = np.zeros(n, bool)
     distance = np.full(n, -1, np.int64)
@@ -1030,7 +1107,7 @@ def run(params: Any, inputs: dict[str, Path], out: Path, executor: Executor) -> 
     src = Path(inputs["manifest"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pl = plan(src, p, executor, data_dir=params.data)
+    pl = plan(src, p, executor, data_dir=params.data, scratch=out)  # the probes' files
     write_plan(src, out, pl, p.keep_duplicates)
     metrics: dict[str, Any] = counts(iter_records(out / "manifest.parquet"))
     metrics["dedup"] = pl.figures

@@ -187,6 +187,26 @@ def test_exact_duplicates_are_named_as_such(tmp_path):
         assert metrics["dedup"]["near_duplicates"] == 0
 
 
+def test_rows_without_hash_variants_are_hashed_from_their_images(ingested, tmp_path):
+    """A manifest without `phash_variants` (an older ingest): dedup hashes the stored images,
+    their probes (windows, turns) go to the scratch files like parsed ones, and the plan is
+    the one the parsed variants give."""
+    tmp, _ = ingested
+    src = tmp / "data" / "ingest" / "manifest.parquet"
+    t = pq.read_table(src)
+    i = t.schema.get_field_index("phash_variants")
+    bare = tmp_path / "bare.parquet"
+    pq.write_table(t.set_column(i, t.schema.field(i), pa.nulls(len(t), pa.string())), bare)
+    p = dedup.DedupParams()
+    parsed = dedup.plan(src, p)
+    hashed = dedup.plan(bare, p, local_executor(), data_dir=tmp / "data")
+    assert parsed.figures["hashed_here"] == 0 and hashed.figures["hashed_here"] == len(t)
+    assert hashed.figures["probes"] == parsed.figures["probes"] > 0
+    assert hashed.figures["probe_matches"] == parsed.figures["probe_matches"] > 0  # crops
+    for name in ("group", "rep", "exact", "distance", "representative"):
+        assert np.array_equal(getattr(hashed, name), getattr(parsed, name)), name
+
+
 def test_near_false_groups_only_identical_bytes_or_phash(ingested):
     tmp, manifest = ingested
     _, recs = _dedup(tmp, manifest, "exact_only", near=False)
@@ -554,10 +574,11 @@ def _words(x: int) -> list[int]:
     return [(x >> (64 * (3 - i))) & (2**64 - 1) for i in range(4)]
 
 
-def test_plan_equals_a_brute_force_reference(tmp_path):
+@pytest.mark.parametrize("probe_chunk", [None, 7])
+def test_plan_equals_a_brute_force_reference(tmp_path, probe_chunk):
     """The vectorised plan (index, probes, 256-bit checks, sha256, representatives) gives the
     groups and duplicates of a plain all-pairs reference, on hashes planted around every
-    threshold."""
+    threshold; also when the probes come back from their scratch files 7 at a time."""
     import hashlib
 
     from pipeline.records import Record
@@ -619,7 +640,11 @@ def test_plan_equals_a_brute_force_reference(tmp_path):
                            phash=hx(r["phash"], 16) if r["phash"] is not None else None,
                            phash_variants=variants))
     write_records(tmp_path / "m.parquet", recs)
-    pl = dedup.plan(tmp_path / "m.parquet", p)
+    if probe_chunk:
+        p = dedup.DedupParams(probe_chunk=probe_chunk)
+    (tmp_path / "scratch").mkdir()
+    pl = dedup.plan(tmp_path / "m.parquet", p, scratch=tmp_path / "scratch")
+    assert not any((tmp_path / "scratch").iterdir())  # the probes' files are gone
 
     # the reference: every pair of rows, plain Python
     n = len(rows)
