@@ -296,21 +296,6 @@ class Variants:
                    np.empty(0, _U64), np.empty(0, bool),
                    np.empty((0, 4), _U64) if fines else None)
 
-    @classmethod
-    def concat(cls, parts: list[tuple[int, Variants]], n: int) -> Variants:
-        """Parts parsed from consecutive row ranges starting at the given offsets."""
-        if not parts:
-            return cls.empty(n)
-
-        def cat(name: str) -> np.ndarray:
-            return np.concatenate([getattr(v, name) for _, v in parts])
-
-        fines = None if parts[0][1].probe_fine is None else cat("probe_fine")
-        rows = np.int32 if n < 2**31 else np.int64  # probes are several per row
-        return cls(cat("key"), cat("fine"), cat("ok"),
-                   np.concatenate([v.probe_row.astype(rows) + o for o, v in parts]),
-                   cat("probe"), cat("is_turn"), fines)
-
     def put(self, rows: np.ndarray, sub: Variants) -> None:
         """Sets rows (sorted) from `sub`, parsed from those rows' strings in that order."""
         self.key[rows], self.fine[rows], self.ok[rows] = sub.key, sub.fine, sub.ok
@@ -450,44 +435,52 @@ def _sha_ids(words: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 def _probe_fines(manifest: str | os.PathLike, computed: dict[int, str], rows: np.ndarray,
                  values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The 256-bit hashes of the probes (row, 64-bit value), read back from the manifest
-    (or from `computed`) for those rows only: ([m, 4] uint64, found)."""
+    (or from `computed`) for those rows only, a batch at a time: ([m, 4] uint64, found)."""
     m = len(rows)
     fine, found = np.zeros((m, 4), _U64), np.zeros(m, bool)
-    want = np.unique(rows)
-    got_rows, got_vals, got_fine = [], [], []
+    if not m:
+        return fine, found
+    order = np.lexsort((values, rows))  # the requests by row
+    srows = rows[order]
 
-    def take(sub_rows: np.ndarray, strings: pa.Array) -> None:
+    def resolve(sel: np.ndarray, sub_rows: np.ndarray, strings: pa.Array) -> None:
+        """Requests order[sel], whose rows are `sub_rows` (sorted, distinct), from those
+        rows' `phash_variants` strings; a row's first probe of the value wins."""
         v = parse_variants(strings, fines=True)
-        got_rows.append(sub_rows[v.probe_row])
-        got_vals.append(v.probe)
-        got_fine.append(v.probe_fine)
+        gr, gv, gf = sub_rows[v.probe_row], v.probe, v.probe_fine
+        o = np.lexsort((gv, gr))
+        gr, gv, gf = gr[o], gv[o], gf[o]
+        req = order[sel]
+        val = values[req]
+        lo = np.searchsorted(gr, rows[req], side="left")
+        hi = np.searchsorted(gr, rows[req], side="right")
+        got = np.zeros(len(req), bool)
+        for k in range(int((hi - lo).max())):  # a row holds a few probes
+            pos = lo + k
+            hit = (pos < hi) & ~got
+            hit[hit] &= gv[pos[hit]] == val[hit]
+            fine[req[hit]] = gf[pos[hit]]
+            got |= hit
+        found[req] = got
 
-    mine = np.array(sorted(computed), np.int64)
-    here = want[np.isin(want, mine)]
-    if here.size:
-        take(here, pa.array([computed[int(r)] for r in here], pa.string()))
-    rest = want[~np.isin(want, mine)]
+    mine = np.isin(srows, np.fromiter(computed, np.int64, len(computed)))
+    if mine.any():
+        sel = np.flatnonzero(mine)
+        sub = np.unique(srows[sel])
+        resolve(sel, sub, pa.array([computed[int(r)] for r in sub], pa.string()))
+    rest = np.flatnonzero(~mine)
+    rrows = srows[rest]  # ascending
     offset = 0
     if rest.size:
         for batch in _batches(manifest, ["phash_variants"]):
-            lo, hi = np.searchsorted(rest, [offset, offset + batch.num_rows])
+            lo, hi = np.searchsorted(rrows, [offset, offset + batch.num_rows])
             if hi > lo:
-                take(rest[lo:hi], batch.column(0).take(pa.array(rest[lo:hi] - offset)))
+                sub = np.unique(rrows[lo:hi])
+                resolve(rest[lo:hi], sub, batch.column(0).take(pa.array(sub - offset)))
             offset += batch.num_rows
+            if hi == len(rrows):
+                break
     pa.default_memory_pool().release_unused()
-    if not got_rows:
-        return fine, found
-    gr, gv, gf = np.concatenate(got_rows), np.concatenate(got_vals), np.concatenate(got_fine)
-    order = np.lexsort((gv, gr))
-    gr, gv, gf = gr[order], gv[order], gf[order]
-    lo = np.searchsorted(gr, rows, side="left")
-    hi = np.searchsorted(gr, rows, side="right")
-    for k in range(int((hi - lo).max()) if m else 0):  # a row holds a few probes
-        pos = lo + k
-        hit = (pos < hi) & ~found
-        hit[hit] &= gv[pos[hit]] == values[hit]
-        fine[hit] = gf[pos[hit]]
-        found |= hit
     return fine, found
 
 
@@ -560,7 +553,7 @@ def _plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None
         np.zeros(n, bool) for _ in range(7))
     phash = np.zeros(n, _U64)
     sha = np.zeros((n, 2), _U64)  # the first 128 bits of the sha256
-    parts: list[tuple[int, Variants]] = []
+    var = Variants.empty(n)  # filled batch by batch; its probes go to the spill
     spill = _ProbeSpill(tmp)
     cols = ["sha256", "phash", "status", "label", "kind"]
     cols += ["phash_variants"] if "phash_variants" in names else []
@@ -581,8 +574,7 @@ def _plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None
         if "phash_variants" in names:
             v = parse_variants(batch.column("phash_variants"))
             spill.add(v.probe_row.astype(np.int64) + offset, v.probe, v.is_turn)
-            v.probe_row, v.probe, v.is_turn = v.probe_row[:0], v.probe[:0], v.is_turn[:0]
-            parts.append((offset, v))
+            var.key[sl], var.fine[sl], var.ok[sl] = v.key, v.fine, v.ok
         offset += batch.num_rows
     sha_id, sha_rank = _sha_ids(sha, has_sha)
     del sha
@@ -590,8 +582,6 @@ def _plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None
     key_rank[pc.sort_indices(pf.read(columns=["key"]).column("key")).to_numpy()] = np.arange(n)
 
     # the hashes of every row: parsed, or computed from the stored image where missing
-    var = Variants.concat(parts, n)
-    del parts
     pa.default_memory_pool().release_unused()  # the strings are numbers now
     computed: dict[int, str] = {}
     need = np.flatnonzero(~var.ok & indexable & has_phash) if p.near else np.empty(0, np.int64)

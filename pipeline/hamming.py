@@ -322,9 +322,9 @@ def union_find(n: int, a: np.ndarray | list[np.ndarray], b: np.ndarray | list[np
     touches, then paths are halved until every node points at its root; repeated while an
     edge joins two roots. Edges may come as lists of arrays (parts) and are read in chunks,
     with one byte per edge to remember the ones already inside a component, so memory stays
-    that of `parent` plus one chunk.
+    that of `parent` plus one chunk. Labels are int32 below 2^31 nodes (half the memory).
     """
-    parent = np.arange(n, dtype=np.int64)
+    parent = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
     parts_a = a if isinstance(a, list) else [a]
     parts_b = b if isinstance(b, list) else [b]
     chunks = [(pa_, pb_, s) for pa_, pb_ in zip(parts_a, parts_b)
