@@ -89,9 +89,9 @@ class DedupParams:
     # the fastest plan for this run
     capacity: int = 0
     tables_per_task: int = 64  # index tables per executor task
-    # probes (windows, turns) asked at a time: the query's working arrays hold about 56 bytes
+    # probes (windows, turns) asked at a time: the query's working arrays hold about 60 bytes
     # per probe of a chunk, and each further chunk sorts the stored hashes once more per table
-    probe_chunk: int = 1 << 24
+    probe_chunk: int = 1 << 23
 
     def __post_init__(self) -> None:
         if not 0 <= self.threshold <= 32:
@@ -503,15 +503,15 @@ class _ProbeSpill:
     parsed and read back a chunk at a time: the driver never holds them all (several per
     row: at 10^7 rows about 43 million, 0.6 GB)."""
 
-    FIELDS = (("row", np.int64), ("probe", _U64), ("is_turn", np.bool_))
-
-    def __init__(self, folder: str | os.PathLike):
-        self.paths = {f: Path(folder) / f"probes.{f}" for f, _ in self.FIELDS}
+    def __init__(self, folder: str | os.PathLike, rows: int):
+        self.fields = (("row", np.int32 if rows < 2**31 else np.int64), ("probe", _U64),
+                       ("is_turn", np.bool_))
+        self.paths = {f: Path(folder) / f"probes.{f}" for f, _ in self.fields}
         self._files = {f: open(path, "wb") for f, path in self.paths.items()}
         self.n = 0
 
     def add(self, rows: np.ndarray, probe: np.ndarray, is_turn: np.ndarray) -> None:
-        for (f, dt), arr in zip(self.FIELDS, (rows, probe, is_turn)):
+        for (f, dt), arr in zip(self.fields, (rows, probe, is_turn)):
             self._files[f].write(np.ascontiguousarray(arr, dt).tobytes())
         self.n += len(rows)
 
@@ -526,7 +526,7 @@ class _ProbeSpill:
             count = min(size, self.n - lo)
             yield tuple(np.fromfile(self.paths[f], dt, count=count,  # type: ignore[misc]
                                     offset=lo * np.dtype(dt).itemsize)
-                        for f, dt in self.FIELDS)
+                        for f, dt in self.fields)
 
 
 def plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None = None,
@@ -554,7 +554,7 @@ def _plan(manifest: str | os.PathLike, p: DedupParams, executor: Executor | None
     phash = np.zeros(n, _U64)
     sha = np.zeros((n, 2), _U64)  # the first 128 bits of the sha256
     var = Variants.empty(n)  # filled batch by batch; its probes go to the spill
-    spill = _ProbeSpill(tmp)
+    spill = _ProbeSpill(tmp, n)
     cols = ["sha256", "phash", "status", "label", "kind"]
     cols += ["phash_variants"] if "phash_variants" in names else []
     offset = 0
