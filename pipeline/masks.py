@@ -17,6 +17,12 @@ the forged file against its original (`derive`, `derive_mask`). A mask is what c
      within `relative_reach` pixels (the edit's own echo through chroma subsampling and
      ringing); a block whose neighbours up to `interior_blocks` blocks away all differ is
      inside the edit however little it changed (weak edits: inpainting, retouching).
+     With `luma_blocks`, the file's luma is compared with the twin's too (both decoded to
+     luma alone): a JPEG codes each 8 x 8 block's luma on its own, so a block's luma differs
+     exactly where the edit changed that block, with no echo (chroma subsampling and its
+     upsampling spread an edit's colour into the neighbouring blocks; luma never). The mask
+     is kept inside those blocks, and a block whose 4 neighbours differ too is inside the
+     edit; a region with no luma change at all (a colour-only edit) is kept as derived.
    - Otherwise (another encoder, an unknown lossy codec) the noise is the median change,
      capped at `max_noise` and, with a twin, at `noise_factor` x a first JPEG encoding's
      own error on this image, so a change everywhere is never taken for noise; a change
@@ -114,13 +120,14 @@ class MasksParams:
     relative: float = 0.4  # a change below this x the strongest one within relative_reach px
     relative_reach: int = 1  # is that change's codec echo (chroma subsampling, ringing)
     interior_blocks: int = 3  # a block is inside the edit when all blocks this far differ
+    luma_blocks: bool = True  # bound the mask by the 8 x 8 blocks whose luma differs
     # other lossy codecs (and JPEG from another encoder)
     threshold_min: float = 3.0  # never count a change below this
     noise_factor: float = 2.0  # threshold >= noise_factor x the noise (median change)
     max_noise: float = 6.0  # a median change above this is an edit everywhere, not noise
     texture_factor: float = 0.25  # + this x local contrast (JPEG error grows near edges)
     relative_lossy: float = 0.5  # as `relative`, for these codecs
-    block: int = 8  # evidence window half-size, pixels (JPEG's block)
+    block: int = 4  # evidence window half-size, pixels (half a JPEG block: thin edits stay dense)
     # both lossy kinds
     prefilter: bool = True  # 3x3 Gaussian on both images first: halves JPEG noise
     density: float = 0.3  # a changed pixel is evidence where this share of its window changed
@@ -280,6 +287,20 @@ class Codec:
     twin: np.ndarray | None = None  # jpeg: the original encoded with the forgery's tables
     settings: dict[str, Any] | None = None  # jpeg: mode, qtables, subsampling
     original: np.ndarray | None = None  # jpeg: for `noise`
+    data: bytes | None = None  # jpeg: the forged file, for `luma_blocks`
+    twin_data: bytes | None = None  # jpeg: the twin as encoded
+
+    def luma_blocks(self) -> np.ndarray | None:
+        """jpeg: 255 for each 8 x 8 block (the last row and column partial) whose luma in
+        the forged file differs from the twin's, else 0; both files decoded to their luma
+        plane alone. With an exact twin these are the blocks the edit changed."""
+        if self.kind != "jpeg" or self.data is None or self.twin_data is None:
+            return None
+        ours, twin = (cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_GRAYSCALE)
+                      for b in (self.data, self.twin_data))
+        if ours is None or twin is None or ours.shape != twin.shape:
+            return None
+        return cv2.compare(_reduce(cv2.compare(ours, twin, cv2.CMP_NE), 8), 0, cv2.CMP_GT)
 
     @property
     def noise(self) -> float | None:
@@ -329,22 +350,33 @@ def codec_of(original: np.ndarray, forged_bytes: bytes, twin: bool = True) -> Co
     settings: dict[str, Any] = {"mode": mode, "qtables": tables}
     if mode == "RGB":
         settings["subsampling"] = sampling
-    return Codec("jpeg", _jpeg_round_trip(original, settings), settings, original)
+    twin = _jpeg_encode(original, settings)
+    return Codec("jpeg", _jpeg_decode(twin, settings), settings, original, forged_bytes, twin)
 
 
-def _jpeg_round_trip(img: np.ndarray, settings: dict[str, Any]) -> np.ndarray:
-    """`img` encoded by Pillow with `settings` and decoded by OpenCV (the same
-    libjpeg-turbo, a third of Pillow's decoding time); RGB uint8."""
+def _jpeg_encode(img: np.ndarray, settings: dict[str, Any]) -> bytes:
+    """`img` (RGB uint8) encoded by Pillow with `settings`."""
     kw = {k: v for k, v in settings.items() if k != "mode"}
     im = Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8), "RGB")
     if settings["mode"] == "L":
         im = im.convert("L")
     buf = io.BytesIO()
     im.save(buf, "JPEG", **kw)
-    data = np.frombuffer(buf.getbuffer(), np.uint8)
+    return buf.getvalue()
+
+
+def _jpeg_decode(data: bytes, settings: dict[str, Any]) -> np.ndarray:
+    """A JPEG this module encoded, decoded by OpenCV (the same libjpeg-turbo as Pillow, a
+    third of its decoding time); RGB uint8."""
+    buf = np.frombuffer(data, np.uint8)
     if settings["mode"] == "L":
-        return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_GRAYSCALE), cv2.COLOR_GRAY2RGB)
-    return cv2.imdecode(data, cv2.IMREAD_COLOR_RGB)
+        return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE), cv2.COLOR_GRAY2RGB)
+    return cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
+
+
+def _jpeg_round_trip(img: np.ndarray, settings: dict[str, Any]) -> np.ndarray:
+    """`img` encoded with `settings` and decoded; RGB uint8."""
+    return _jpeg_decode(_jpeg_encode(img, settings), settings)
 
 
 # --------------------------------------------------------------------------- derivation
@@ -523,6 +555,10 @@ def derive_mask(
         m = _regions(evidence, p, lossless=kind == "lossless")
         if kind == "lossless":  # every changed pixel belongs to the mask
             cv2.bitwise_or(m, changed, dst=m)
+        elif exact and p.luma_blocks and codec is not None and bw and bh:
+            blocks = codec.luma_blocks()
+            if blocks is not None:
+                _within_luma_blocks(m, blocks, win, p)
         mask = m > 0
     # purity: the share of the evidence inside the mask; coverage: the share of the mask
     # that is evidence, saturating at one half
@@ -580,6 +616,41 @@ def edit_as_made(original: np.ndarray, made: np.ndarray, d: Derivation,
     return dataclasses.replace(
         e, diff=d.diff, noise=d.noise, threshold=d.threshold, changed=d.changed,
         changed_pixels=d.changed_pixels, codec=f"{d.codec}, edit known before encoding"), None
+
+
+def _within_luma_blocks(m: np.ndarray, blocks: np.ndarray, win: tuple[slice, slice],
+                        p: MasksParams) -> None:
+    """`m` (0/255, the derived regions) kept inside the 8 x 8 blocks whose luma changed
+    (`Codec.luma_blocks`), with the blocks whose 4 neighbours changed too filled in, and
+    cleaned again (`_regions`); in place. The work is inside `win`, the box around every
+    block that differs at all. A region that overlaps no such block changed colour only
+    (chroma is subsampled and spreads, so nothing bounds it): it is kept as derived."""
+    h, w = m.shape
+    ys, xs = win
+    y0, y1, x0, x1 = ys.start, ys.stop, xs.start, xs.stop
+    by0, bx0 = y0 // 8, x0 // 8
+    by1, bx1 = -(-y1 // 8), -(-x1 // 8)
+
+    def pixels(b: np.ndarray) -> np.ndarray:
+        sub = np.ascontiguousarray(b[by0:by1, bx0:bx1])
+        up = cv2.resize(sub, (sub.shape[1] * 8, sub.shape[0] * 8),
+                        interpolation=cv2.INTER_NEAREST)
+        return up[y0 - by0 * 8 : y1 - by0 * 8, x0 - bx0 * 8 : x1 - bx0 * 8]
+
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    touched = pixels(blocks)
+    inner = pixels(cv2.erode(blocks, cross, borderType=cv2.BORDER_CONSTANT, borderValue=0))
+    derived = m[win].copy()
+    n, labels = cv2.connectedComponents(derived, connectivity=8)
+    colour_only = np.bincount(labels[touched > 0], minlength=n) == 0
+    colour_only[0] = False
+    base = np.zeros((h, w), np.uint8)
+    base[win] = cv2.bitwise_or(cv2.bitwise_and(derived, touched), inner)
+    refined = _regions(base, p, lossless=False)
+    m[:] = 0
+    m[win] = cv2.bitwise_and(refined[win], touched)
+    if colour_only.any():
+        m[win][colour_only[labels]] = 255
 
 
 def _farther(a: np.ndarray, b: np.ndarray, reach: int) -> float:

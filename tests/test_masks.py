@@ -118,7 +118,7 @@ def test_lossless_masks_hold_every_changed_pixel(which, tune, heldout):
 @pytest.mark.slow
 def test_jpeg90_accuracy_heldout(heldout):
     ious = _ious(heldout, "jpeg90")
-    assert _mean(ious) >= 0.85, f"mean IoU {_mean(ious):.3f}; worst: {_worst(ious)}"
+    assert _mean(ious) >= 0.90, f"mean IoU {_mean(ious):.3f}; worst: {_worst(ious)}"
     # copy-moves and splices, what most tampering corpora hold, do better
     strong = {k: v for k, v in _ious(heldout, "jpeg90").items()
               if k.split("/")[1] in ("copy_move", "splice", "recolour")}
@@ -130,7 +130,7 @@ def test_casia_like_accuracy_heldout(heldout):
     # another encoder: the twin is not exact and the noisy path decides
     ious = _ious(heldout, "casia")
     assert len(ious) >= 15
-    assert _mean(ious) >= 0.88, f"mean IoU {_mean(ious):.3f}; worst: {_worst(ious)}"
+    assert _mean(ious) >= 0.92, f"mean IoU {_mean(ious):.3f}; worst: {_worst(ious)}"
     for c in heldout:
         if c.codec == "casia":
             assert codec_of(c.original, c.forged_bytes).kind == "jpeg"
@@ -244,6 +244,76 @@ def test_codec_twin_is_bit_identical_outside_the_edits_blocks(tune):
     assert differs.any() and not (differs & ~near).any()
     d = derive(c.original, c.forged_bytes)
     assert d.codec == "jpeg" and d.noise == 0.0
+
+
+def _blocks8(m: np.ndarray) -> np.ndarray:
+    """Whether each 8 x 8 block (the last row and column partial) holds a True."""
+    h, w = m.shape
+    padded = np.pad(m, ((0, -h % 8), (0, -w % 8)))
+    return padded.reshape(padded.shape[0] // 8, 8, padded.shape[1] // 8, 8).any(axis=(1, 3))
+
+
+def test_luma_blocks_are_the_edits_blocks_without_the_chroma_echo(tune):
+    c = next(c for c in tune if c.codec == "jpeg90" and c.kind == "copy_move")
+    codec = codec_of(c.original, c.forged_bytes)
+    luma = codec.luma_blocks() > 0
+    edit = _blocks8(c.truth)  # the blocks the edit wrote into
+    assert luma.shape == edit.shape
+    assert luma.sum() >= 0.9 * edit.sum() and not (luma & ~edit).any()
+    # the colour differs beyond them: 4:2:0 chroma echoes the edit into its 16 x 16 MCUs
+    rgb = _blocks8((codec.twin != c.forged).any(axis=2))
+    assert (rgb & ~edit).sum() > 0.1 * edit.sum()
+
+
+def test_jpeg_masks_stay_inside_the_blocks_whose_luma_changed(heldout):
+    """With an exact twin the mask is bounded by the blocks whose luma changed and filled
+    where a block's 4 neighbours changed too: weak edits (inpainting, retouching, a word
+    on paper grain) get their whole region, not only their strongest pixels."""
+    on, off = {}, {}
+    for c in heldout:
+        if c.codec != "jpeg90":
+            continue
+        d = derive(c.original, c.forged_bytes)
+        assert d.codec == "jpeg"
+        luma = codec_of(c.original, c.forged_bytes).luma_blocks() > 0
+        assert not (_blocks8(d.mask) & ~luma).any(), c.name
+        on[c.name] = iou(d.mask, c.truth)
+        off[c.name] = iou(derive(c.original, c.forged_bytes,
+                                 MasksParams(luma_blocks=False)).mask, c.truth)
+    weak = [k for k in on if k.split("/")[1] in ("removal", "retouch", "text")]
+    assert np.mean([on[k] for k in weak]) >= np.mean([off[k] for k in weak]) + 0.05
+    assert _mean(on) >= _mean(off) + 0.015
+
+
+def test_a_colour_only_jpeg_edit_keeps_its_mask():
+    # grey paper and a region recoloured at the same luma (libjpeg's fixed-point Y): no
+    # luma block changes, the colour does, and the mask is the region
+    def jpeg(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "JPEG", quality=90, subsampling=2)
+        return buf.getvalue()
+
+    def luma(rgb: np.ndarray) -> np.ndarray:
+        r, g, b = (rgb[..., i].astype(np.int64) for i in range(3))
+        return (19595 * r + 38470 * g + 7471 * b + 32768) >> 16
+
+    rng = np.random.default_rng(5)
+    v = cv2.GaussianBlur(rng.integers(90, 170, (240, 320)).astype(np.uint8), (0, 0), 2)
+    original = mc.decode(jpeg(np.repeat(v[..., None], 3, axis=2)))
+    y = luma(original)
+    r, g = y + 30, y - 10
+    b = -(-(y * 65536 - 32768 - 19595 * r - 38470 * g) // 7471)
+    colour = np.stack([r, g, b], -1).astype(np.uint8)
+    assert (luma(colour) == y).all()
+    truth = np.zeros(v.shape, np.uint8)
+    cv2.ellipse(truth, (150, 120), (60, 40), 20, 0, 360, 255, -1)
+    truth = truth > 0
+    forged = original.copy()
+    forged[truth] = colour[truth]
+    data = jpeg(forged)
+    assert not codec_of(original, data).luma_blocks().any()
+    d = derive(original, data)
+    assert d.codec == "jpeg" and iou(d.mask, truth) >= 0.8
 
 
 def test_codec_of_formats():
