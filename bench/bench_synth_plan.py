@@ -7,8 +7,8 @@ the groups for donors) in a fresh process per (way, N), and prints the peak RSS 
 process's baseline after imports, per source, and the time:
 
 - `rows`: what the stage does: `synthesize.load_sources` (the `SourceRow` columns only,
-  batch by batch) and `synthesize.plan` (jobs held as indices, made into dicts a window at
-  a time when they are sent to the executor);
+  batch by batch, held as Arrow columns: `SourceTable`) and `synthesize.plan` (jobs held as
+  indices, made into dicts a window at a time when they are sent to the executor);
 - `records`: the same plan over full Records read with `iter_records` (what the stage held
   before: every source as a full Record).
 

@@ -17,10 +17,11 @@ round, job index), so no key repeats one of another round, and donors from train
 
 Forged rows stream into the output manifest as workers return them (after the input rows,
 generator by generator), so memory does not grow with the number of forgeries. Planning is
-global (the cover step looks at every source), so the driver holds each source as a
-`SourceRow` (the dozen fields the planner and the workers read, about 600 bytes) and each
-job as two indices (16 bytes); a job's dict is made when its window of jobs goes to the
-executor (`bench/bench_synth_plan.py`).
+global (the cover step looks at every source), so the driver holds each source's dozen
+fields that the planner and the workers read as Arrow columns (`SourceTable`, about 300
+bytes, plus its key and domain as Python objects) and each job as two indices (16 bytes); a
+job's dict, with its source and donor as `SourceRow`s, is made when its window of jobs goes
+to the executor (`bench/bench_synth_plan.py`).
 
 Per generator, the work runs through the executor: GPU generators as actors asking for
 `num_gpus` with their batch size, CPU ones as ordinary workers. After generation the stage
@@ -60,7 +61,15 @@ from generators.base import Forgery, SkipSample, Source
 from pipeline import imageio
 from pipeline.executor import Executor, Resources, chunked
 from pipeline.params import Params
-from pipeline.records import ManifestWriter, Record, content_key, counts, dumps_json, iter_records
+from pipeline.records import (
+    SCHEMA,
+    ManifestWriter,
+    Record,
+    content_key,
+    counts,
+    dumps_json,
+    iter_records,
+)
 from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -179,8 +188,8 @@ def _weights(p: SynthesizeParams, infos: dict[str, _GenInfo]) -> dict[str, float
 
 
 class SourceRow(NamedTuple):
-    """What planning and the workers read of a real source: all the stage holds per source
-    (a full Record, with its 60 fields and its hashes, takes 4x the memory)."""
+    """What the workers read of a real source (a full Record, with its 60 fields and its
+    hashes, takes 4x the memory); the stage holds these fields as columns (`SourceTable`)."""
 
     key: str
     source: str
@@ -199,16 +208,61 @@ class SourceRow(NamedTuple):
 _SHARED = ("source", "license", "domain", "format")  # few distinct values: one string each
 
 
-def load_sources(manifest: str | Path) -> list[SourceRow]:
+class SourceTable(Sequence):
+    """The sources, sorted by key: their `SourceRow` fields as Arrow columns in manifest
+    order (about 300 bytes a source, where a list of `SourceRow`s takes 600) and the order
+    that sorts them. A row is made when it is read (`rows` makes many at once); `keys` and
+    `domains` are what planning reads of every source, held as Python lists."""
+
+    def __init__(self, table: pa.Table, order: pa.Array | None = None):
+        self.table = table  # one chunk per column: `take` does not concatenate them again
+        self.order = order if order is not None else pc.sort_indices(table.column("key"))
+        self.keys: list[str] = pc.take(table.column("key"), self.order).to_pylist()
+        self.domains: list[str | None] = [
+            sys.intern(d) if isinstance(d, str) else d
+            for d in pc.take(table.column("domain"), self.order).to_pylist()]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return self.rows(range(start, stop, step))
+            return SourceTable(self.table, self.order.slice(start, max(0, stop - start)))
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.rows([i])[0]
+
+    def __iter__(self) -> Iterator[SourceRow]:
+        for start in range(0, len(self), 1 << 16):
+            yield from self.rows(range(start, min(len(self), start + (1 << 16))))
+
+    def rows(self, idx: Iterable[int]) -> list[SourceRow]:
+        """The rows at these positions (in key order), in the order given."""
+        t = self.table.take(self.order.take(pa.array(list(idx), pa.int64())))
+        return list(map(SourceRow._make, zip(*(t.column(n).to_pylist()
+                                                for n in SourceRow._fields))))
+
+
+def load_sources(manifest: str | Path) -> SourceTable:
     """The sources of a manifest (`is_source`: ok, real, stored, not a blocklist item) sorted
     by key, read batch by batch and only the columns `SourceRow` has."""
     pf = pq.ParquetFile(manifest)
     names = set(pf.schema_arrow.names)
     want = [c for c in (*SourceRow._fields, "status", "label", "kind") if c in names]
-    out: list[SourceRow] = []
+    types = {n: SCHEMA.field(n).type for n in SourceRow._fields}
+    parts: dict[str, list[pa.Array]] = {n: [] for n in SourceRow._fields}
+
     def column(batch: pa.RecordBatch, name: str) -> pa.Array:
         i = batch.schema.get_field_index(name)
-        return batch.column(i) if i >= 0 else pa.nulls(batch.num_rows, pa.string())
+        if i < 0:
+            return pa.nulls(batch.num_rows, types.get(name, pa.string()))
+        col = batch.column(i)
+        return col.cast(types[name]) if name in types and col.type != types[name] else col
 
     for batch in pf.iter_batches(columns=want, batch_size=1 << 16, use_threads=False):
         col = functools.partial(column, batch)
@@ -218,15 +272,28 @@ def load_sources(manifest: str | Path) -> list[SourceRow]:
         keep = pc.fill_null(keep, False)
         if not pc.any(keep).as_py():
             continue
-        values = []
         for name in SourceRow._fields:
-            v = pc.filter(col(name), keep).to_pylist()
-            if name in _SHARED:
-                v = [sys.intern(x) if isinstance(x, str) else x for x in v]
-            values.append(v)
-        out.extend(map(SourceRow._make, zip(*values)))
-    out.sort(key=lambda r: r.key)
-    return out
+            parts[name].append(pc.filter(col(name), keep))
+    # one array per column, a column at a time: the batches' pieces go as each is joined
+    columns = {}
+    for name in SourceRow._fields:
+        got = parts.pop(name)
+        columns[name] = pa.concat_arrays(got) if got else pa.array([], types[name])
+        del got
+    table = pa.table(columns)
+    del columns
+    pa.default_memory_pool().release_unused()
+    return SourceTable(table)
+
+
+def _keys(sources: Sequence[Any]) -> list[str]:
+    keys = getattr(sources, "keys", None)
+    return keys if isinstance(keys, list) else [s.key for s in sources]
+
+
+def _domains(sources: Sequence[Any]) -> list[str | None]:
+    domains = getattr(sources, "domains", None)
+    return domains if isinstance(domains, list) else [s.domain for s in sources]
 
 
 class Jobs(Sequence):
@@ -252,12 +319,19 @@ class Jobs(Sequence):
 
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
-            return [self._job(j) for j in range(*i.indices(len(self)))]
+            start, stop, step = i.indices(len(self))
+            if step == 1:
+                return self._window(start, max(start, stop))
+            return [self._job(j) for j in range(start, stop, step)]
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
         return self._job(i)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for start in range(0, len(self), _WINDOW_JOBS):
+            yield from self[start : start + _WINDOW_JOBS]
 
     def _job(self, i: int) -> dict[str, Any]:
         if i >= len(self.src):
@@ -266,6 +340,22 @@ class Jobs(Sequence):
         key = content_key(src.key, self.name)
         return {"source": src, "donor": self.sources[d] if d >= 0 else None, "key": key,
                 "seed": derive_seed(self.seed, key)}
+
+    def _window(self, start: int, stop: int) -> list[dict[str, Any]]:
+        """Jobs start..stop, their sources and donors read at once (`SourceTable.rows`)."""
+        rows = getattr(self.sources, "rows", None)
+        base = max(start, min(stop, len(self.src)))
+        if rows is None or base == start:
+            return [self._job(j) for j in range(start, stop)]
+        src, donor = self.src[start:base], self.donor[start:base]
+        need = sorted(set(src).union(d for d in donor if d >= 0))
+        row = dict(zip(need, rows(need)))
+        out = []
+        for i, d in zip(src, donor):
+            key = content_key(row[i].key, self.name)
+            out.append({"source": row[i], "donor": row[d] if d >= 0 else None, "key": key,
+                        "seed": derive_seed(self.seed, key)})
+        return out + [self._job(j) for j in range(base, stop)]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or len(self) != len(other):
@@ -291,21 +381,21 @@ def plan(sources: Sequence[Any], p: SynthesizeParams, seed: int,
     weights = _weights(p, infos)
     if p.per_source == 0 or not weights:
         return {}
-    fits = {d: [n for n in weights if infos[n].domain in (d, "aigc")]
-            for d in {s.domain for s in sources}}
+    keys, domains = _keys(sources), _domains(sources)
+    fits = {d: [n for n in weights if infos[n].domain in (d, "aigc")] for d in set(domains)}
     slots = {d: min(p.per_source, len(f)) for d, f in fits.items()}
     chosen: dict[int, list[str]] = {}  # the sources the cover step gave a generator
     # 1. cover: every generator gets one source that can take it, scarcest generators first,
     #    each on the source with the most free slots (ties: a stable hash of seed and names)
-    per_domain = Counter(s.domain for s in sources)
+    per_domain = Counter(domains)
     takers = {n: sum(c for d, c in per_domain.items() if n in fits[d]) for n in weights}
     for name in sorted(weights, key=lambda n: (takers[n], n)):
         best, best_i = None, -1
-        for i, s in enumerate(sources):
-            free = slots[s.domain] - len(chosen.get(i, ()))
-            if free <= 0 or name not in fits[s.domain]:
+        for i, (key, domain) in enumerate(zip(keys, domains)):
+            free = slots[domain] - len(chosen.get(i, ()))
+            if free <= 0 or name not in fits[domain]:
                 continue
-            rank = (free, -derive_seed(seed, s.key, name))
+            rank = (free, -derive_seed(seed, key, name))
             if best is None or rank > best:
                 best, best_i = rank, i
         if best_i >= 0:
@@ -313,33 +403,33 @@ def plan(sources: Sequence[Any], p: SynthesizeParams, seed: int,
     # 2. donors for the generators that paste another image in: from the same split as the
     #    source (a group in no split, near a blocklist item, gets no donor)
     splits = [split_of(s) for s in sources]
-    partners = _partners(sources, seed, splits)
+    partners = _partners(keys, domains, seed, splits)
     by_domain: dict[tuple[str, str | None], list[int]] = defaultdict(list)
-    for i, s in enumerate(sources):
-        by_domain[s.domain, splits[i]].append(i)
+    for i, domain in enumerate(domains):
+        by_domain[domain, splits[i]].append(i)
     # 3. fill the remaining slots by weight, without repeating a generator on a source, and
     #    make the jobs
     order = {n: i for i, n in enumerate(p.generators)}
     jobs: dict[str, Jobs] = {}
-    for i, src in enumerate(sources):
+    for i, (key, domain) in enumerate(zip(keys, domains)):
         names = chosen.get(i, [])
-        free = [n for n in fits[src.domain] if n not in names]
-        k = slots[src.domain] - len(names)
+        free = [n for n in fits[domain] if n not in names]
+        k = slots[domain] - len(names)
         if k > 0 and free:
-            rng = np.random.default_rng(derive_seed(seed, src.key, "mix"))
+            rng = np.random.default_rng(derive_seed(seed, key, "mix"))
             w = np.array([weights[n] for n in free])
             picked = rng.choice(len(free), size=k, replace=False, p=w / w.sum())
             names = names + [free[j] for j in sorted(picked)]
         for name in sorted(names, key=order.__getitem__):
             info = infos[name]
             donor = -1
-            if info.needs_donor and info.donor_domain in (None, src.domain):
+            if info.needs_donor and info.donor_domain in (None, domain):
                 donor = int(partners[i])
             elif info.needs_donor and splits[i] is not None and by_domain.get(
                 (info.donor_domain, splits[i])
             ):
                 pool = by_domain[info.donor_domain, splits[i]]
-                donor = pool[derive_seed(seed, src.key, name, "donor") % len(pool)]
+                donor = pool[derive_seed(seed, key, name, "donor") % len(pool)]
             if name not in jobs:
                 jobs[name] = Jobs(name, sources, seed)
             jobs[name].add(i, donor)
@@ -409,17 +499,18 @@ def plan_round(plan: dict[str, Any], sources: dict[str, Any], p: SynthesizeParam
     return dict(jobs), problems
 
 
-def _partners(sources: Sequence[Any], seed: int, splits: list[str | None]) -> np.ndarray:
+def _partners(keys: list[str], domains: list[str | None], seed: int,
+              splits: list[str | None]) -> np.ndarray:
     """The donor of each source (an index, -1: none): sources of a domain and split in a
     seeded order, paired two by two (the odd one out joins the last pair), so a donor is
     always in its source's split and each image lends its pixels to at most two others."""
-    by_domain: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for i, r in enumerate(sources):
+    by_domain: dict[tuple[str | None, str], list[int]] = defaultdict(list)
+    for i, domain in enumerate(domains):
         if splits[i] is not None:
-            by_domain[r.domain, splits[i]].append(i)
-    partners = np.full(len(sources), -1, np.int64)
+            by_domain[domain, splits[i]].append(i)
+    partners = np.full(len(keys), -1, np.int64)
     for pool in by_domain.values():
-        ring = sorted(pool, key=lambda i: derive_seed(seed, sources[i].key, "pair"))
+        ring = sorted(pool, key=lambda i: derive_seed(seed, keys[i], "pair"))
         for i, r in enumerate(ring):
             j = i ^ 1 if (i ^ 1) < len(ring) else i - 1
             if 0 <= j != i:
@@ -432,7 +523,7 @@ def why_no_work(sources: Sequence[Any], p: SynthesizeParams, jobs: dict[str, Job
     """Why configured generators got nothing to do: the reasons a run's log should show."""
     infos = {name: _gen_info(name) for name in p.generators}
     weights = _weights(p, infos)
-    domains = sorted({str(s.domain) for s in sources})
+    domains = sorted({str(d) for d in _domains(sources)})
     if not sources:
         return []
     if not p.generators:

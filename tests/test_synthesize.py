@@ -237,9 +237,10 @@ def _fake_sources(n: int, domain: str) -> list[Record]:
 
 
 def test_sources_are_read_as_slim_rows_and_plan_the_same(tmp_path):
-    """Issue 16: the stage holds its sources as `SourceRow`s read column-wise (not full
-    Records) and its jobs as indices; the sources are exactly the shippable real rows,
-    sorted, and the plan of them is the plan of the full Records."""
+    """Issue 16: the stage holds its sources as Arrow columns of the `SourceRow` fields
+    (`SourceTable`, not full Records, not a list of rows) and its jobs as indices; the
+    sources are exactly the shippable real rows, sorted, and the plan of them is the plan of
+    the full Records."""
     from pipeline.records import write_manifest as write_rows
 
     rows = [Record(key=f"r{i:03d}", source="s", source_id=f"sid{i % 7}", label="real",
@@ -256,6 +257,13 @@ def test_sources_are_read_as_slim_rows_and_plan_the_same(tmp_path):
     sources = synthesize.load_sources(path)
     full = sorted((r for r in rows if synthesize.is_source(r)), key=lambda r: r.key)
     assert [s.key for s in sources] == [r.key for r in full] and len(full) == 56
+    assert isinstance(sources, synthesize.SourceTable)
+    assert sources.table.column_names == list(synthesize.SourceRow._fields)
+    assert sources.keys == [r.key for r in full]
+    head = sources[:10]
+    assert isinstance(head, synthesize.SourceTable) and len(head) == 10
+    assert list(head) == list(sources)[:10] and head[-1] == sources[9]
+    assert sources.rows([5, 2]) == [sources[5], sources[2]]
     for s, r in zip(sources, full):
         assert s == tuple(getattr(r, f) for f in synthesize.SourceRow._fields)
     p = synthesize.SynthesizeParams(per_source=2)
