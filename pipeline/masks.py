@@ -22,7 +22,8 @@ the forged file against its original (`derive`, `derive_mask`). A mask is what c
      exactly where the edit changed that block, with no echo (chroma subsampling and its
      upsampling spread an edit's colour into the neighbouring blocks; luma never). The mask
      is kept inside those blocks, and a block whose 4 neighbours differ too is inside the
-     edit; a region with no luma change at all (a colour-only edit) is kept as derived.
+     edit; where only the colour changed (a region with no changed luma block, or an MCU
+     whose luma blocks are all unchanged) the derived mask stays.
    - Otherwise (another encoder, an unknown lossy codec) the noise is the median change,
      capped at `max_noise` and, with a twin, at `noise_factor` x a first JPEG encoding's
      own error on this image, so a change everywhere is never taken for noise; a change
@@ -558,7 +559,7 @@ def derive_mask(
         elif exact and p.luma_blocks and codec is not None and bw and bh:
             blocks = codec.luma_blocks()
             if blocks is not None:
-                _within_luma_blocks(m, blocks, win, p)
+                _within_luma_blocks(m, blocks, win, p, _mcu(codec.settings))
         mask = m > 0
     # purity: the share of the evidence inside the mask; coverage: the share of the mask
     # that is evidence, saturating at one half
@@ -618,13 +619,22 @@ def edit_as_made(original: np.ndarray, made: np.ndarray, d: Derivation,
         changed_pixels=d.changed_pixels, codec=f"{d.codec}, edit known before encoding"), None
 
 
+def _mcu(settings: dict[str, Any] | None) -> tuple[int, int]:
+    """A JPEG's MCU in 8 x 8 blocks (height, width): 4:2:0 (2, 2), 4:2:2 (1, 2), else (1, 1)."""
+    sub = (settings or {}).get("subsampling", 0) if (settings or {}).get("mode") == "RGB" else 0
+    return {2: (2, 2), 1: (1, 2)}.get(sub, (1, 1))
+
+
 def _within_luma_blocks(m: np.ndarray, blocks: np.ndarray, win: tuple[slice, slice],
-                        p: MasksParams) -> None:
+                        p: MasksParams, mcu: tuple[int, int] = (2, 2)) -> None:
     """`m` (0/255, the derived regions) kept inside the 8 x 8 blocks whose luma changed
     (`Codec.luma_blocks`), with the blocks whose 4 neighbours changed too filled in, and
     cleaned again (`_regions`); in place. The work is inside `win`, the box around every
-    block that differs at all. A region that overlaps no such block changed colour only
-    (chroma is subsampled and spreads, so nothing bounds it): it is kept as derived."""
+    block that differs at all. Where the colour changed and the luma did not (chroma is
+    subsampled and spreads, so no block bounds it) the derived pixels stay: a region that
+    overlaps no changed luma block, and the derived pixels of every MCU (`mcu`: its height
+    and width in blocks, from the chroma subsampling) whose luma blocks are all unchanged;
+    the echo of a luma edit falls mostly inside its own MCUs."""
     h, w = m.shape
     ys, xs = win
     y0, y1, x0, x1 = ys.start, ys.stop, xs.start, xs.stop
@@ -639,6 +649,11 @@ def _within_luma_blocks(m: np.ndarray, blocks: np.ndarray, win: tuple[slice, sli
 
     cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
     touched = pixels(blocks)
+    mh, mw = mcu
+    hb, wb = blocks.shape
+    grid = np.pad(blocks, ((0, -hb % mh), (0, -wb % mw)))
+    grid = grid.reshape(grid.shape[0] // mh, mh, grid.shape[1] // mw, mw).max(axis=(1, 3))
+    in_luma_mcu = pixels(np.repeat(np.repeat(grid, mh, 0), mw, 1)[:hb, :wb])
     inner = pixels(cv2.erode(blocks, cross, borderType=cv2.BORDER_CONSTANT, borderValue=0))
     derived = m[win].copy()
     n, labels = cv2.connectedComponents(derived, connectivity=8)
@@ -651,6 +666,8 @@ def _within_luma_blocks(m: np.ndarray, blocks: np.ndarray, win: tuple[slice, sli
     m[win] = cv2.bitwise_and(refined[win], touched)
     if colour_only.any():
         m[win][colour_only[labels]] = 255
+    # colour changes in MCUs whose luma did not change
+    cv2.bitwise_or(m[win], cv2.bitwise_and(derived, cv2.bitwise_not(in_luma_mcu)), dst=m[win])
 
 
 def _farther(a: np.ndarray, b: np.ndarray, reach: int) -> float:
