@@ -36,9 +36,11 @@ the pixels changed), so `masks` knows the edit apart from the codec's echo aroun
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import hashlib
+import itertools
 import logging
 import re
 import sys
@@ -410,15 +412,18 @@ def plan(sources: Sequence[Any], p: SynthesizeParams, seed: int,
     # 3. fill the remaining slots by weight, without repeating a generator on a source, and
     #    make the jobs
     order = {n: i for i, n in enumerate(p.generators)}
+    probs: dict[tuple[str, ...], list[float]] = {}
     jobs: dict[str, Jobs] = {}
     for i, (key, domain) in enumerate(zip(keys, domains)):
         names = chosen.get(i, [])
         free = [n for n in fits[domain] if n not in names]
         k = slots[domain] - len(names)
         if k > 0 and free:
-            rng = np.random.default_rng(derive_seed(seed, key, "mix"))
-            w = np.array([weights[n] for n in free])
-            picked = rng.choice(len(free), size=k, replace=False, p=w / w.sum())
+            prob = probs.get(tuple(free))
+            if prob is None:  # few distinct lists of free generators: normalised once each
+                w = np.array([weights[n] for n in free])
+                prob = probs[tuple(free)] = (w / w.sum()).tolist()
+            picked = _draw(np.random.default_rng(derive_seed(seed, key, "mix")), prob, k)
             names = names + [free[j] for j in sorted(picked)]
         for name in sorted(names, key=order.__getitem__):
             info = infos[name]
@@ -434,6 +439,30 @@ def plan(sources: Sequence[Any], p: SynthesizeParams, seed: int,
                 jobs[name] = Jobs(name, sources, seed)
             jobs[name].add(i, donor)
     return jobs
+
+
+def _draw(rng: np.random.Generator, prob: list[float], k: int) -> list[int]:
+    """`rng.choice(len(prob), size=k, replace=False, p=prob)` as numpy computes it (draw
+    k - found uniforms, zero the found weights, search the normalised cumulative sum, keep
+    new indices in order of first draw, repeat), in plain Python: the same indices from
+    the same stream in a fifth of the time, which was most of planning (tests compare the
+    two on random weights, sizes and seeds)."""
+    p = list(prob)
+    found: list[int] = []
+    while len(found) < k:
+        draws = [rng.random() for _ in range(k - len(found))]
+        for j in found:
+            p[j] = 0.0
+        cdf = list(itertools.accumulate(p))
+        last = cdf[-1]
+        cdf = [c / last for c in cdf]
+        seen = set(found)
+        for x in draws:
+            j = bisect.bisect_right(cdf, x)
+            if j not in seen:
+                seen.add(j)
+                found.append(j)
+    return found
 
 
 def load_plan(path: Path) -> dict[str, Any]:

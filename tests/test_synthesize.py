@@ -236,6 +236,23 @@ def _fake_sources(n: int, domain: str) -> list[Record]:
     ]
 
 
+def test_the_mix_draw_is_numpys_choice_without_replacement():
+    """`plan` draws each source's generators with `_draw`, numpy's weighted choice without
+    replacement written out (a fifth of the time): the same indices, in the same order,
+    from the same stream, also when draws repeat an index (one heavy weight)."""
+    rs = np.random.default_rng(0)
+    for trial in range(3000):
+        n = int(rs.integers(1, 14))
+        k = int(rs.integers(1, n + 1))
+        w = rs.choice([0.01, 0.1, 0.5, 1.0, 2.0, 3.0, 10.0], size=n)
+        if trial % 3 == 0:
+            w[0] = 100.0
+        prob = w / w.sum()
+        seed = int(rs.integers(0, 2**63))
+        want = np.random.default_rng(seed).choice(n, size=k, replace=False, p=prob)
+        assert synthesize._draw(np.random.default_rng(seed), prob.tolist(), k) == want.tolist()
+
+
 def test_sources_are_read_as_slim_rows_and_plan_the_same(tmp_path):
     """Issue 16: the stage holds its sources as Arrow columns of the `SourceRow` fields
     (`SourceTable`, not full Records, not a list of rows) and its jobs as indices; the
