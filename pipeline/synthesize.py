@@ -276,6 +276,10 @@ def load_sources(manifest: str | Path) -> SourceTable:
             continue
         for name in SourceRow._fields:
             parts[name].append(pc.filter(col(name), keep))
+        del batch, col, keep
+        # the batch's buffers go back to the system: the allocator would keep them (about
+        # 300 bytes a source read, measured) and grow to the whole manifest's size
+        pa.default_memory_pool().release_unused()
     # one array per column, a column at a time: the batches' pieces go as each is joined
     columns = {}
     for name in SourceRow._fields:
