@@ -489,22 +489,29 @@ def load_plan(path: Path) -> dict[str, Any]:
     return plan
 
 
-def plan_round(plan: dict[str, Any], sources: dict[str, Any], p: SynthesizeParams,
+def plan_round(plan: dict[str, Any], sources: Sequence[Any], p: SynthesizeParams,
                seed: int, split_of: Callable[[Any], str | None]
                ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """The jobs of one round's plan, and the reasons for jobs that cannot run. Only sources
     in `train` are forged (val and test stay fixed across rounds); keys carry the round and
-    the job's index, so they never collide with the base plan or another round."""
+    the job's index, so they never collide with the base plan or another round.
+
+    `sources` are sorted by key, as `plan` takes them; a job's source is found by binary
+    search and the train sources of each domain are held as positions (8 bytes each), so a
+    round costs no row per source."""
     r = plan["round"]
     infos = {name: _gen_info(name) for name in p.generators}
-    train = [s for s in sources.values() if split_of(s) == "train"]
-    by_domain: dict[str, list[Record]] = defaultdict(list)
-    for s in sorted(train, key=lambda s: s.key):
-        by_domain[s.domain].append(s)
+    keys, domains = _keys(sources), _domains(sources)
+    train: dict[str | None, array] = defaultdict(lambda: array("q"))
+    for i, s in enumerate(sources):  # in key order
+        if split_of(s) == "train":
+            train[domains[i]].append(i)
     jobs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     problems = []
     for i, job in enumerate(plan["jobs"]):
-        name, src = job["generator"], sources.get(job["source"])
+        name = job["generator"]
+        at = bisect.bisect_left(keys, job["source"])
+        src = sources[at] if at < len(keys) and keys[at] == job["source"] else None
         if name not in infos:
             raise ValueError(f"plan of round {r}: generator {name!r} is not in "
                              f"synthesize.generators ({', '.join(p.generators)})")
@@ -524,9 +531,13 @@ def plan_round(plan: dict[str, Any], sources: dict[str, Any], p: SynthesizeParam
         key = content_key(src.key, name, "round", r, i)
         donor = None
         if info.needs_donor:
-            pool = [d for d in by_domain.get(info.donor_domain or src.domain, []) if d.key != src.key]
-            if pool:
-                donor = pool[derive_seed(seed, key, "donor") % len(pool)]
+            # the train sources of the donor domain, without the source itself
+            pool = train.get(info.donor_domain or src.domain, array("q"))
+            own = bisect.bisect_left(pool, at)
+            skip = own < len(pool) and pool[own] == at
+            if len(pool) - skip:
+                j = derive_seed(seed, key, "donor") % (len(pool) - skip)
+                donor = sources[pool[j + (skip and j >= own)]]
         jobs[name].append({"source": src, "donor": donor,
                            "key": key, "seed": derive_seed(seed, key), "round": r})
     return dict(jobs), problems
@@ -838,9 +849,8 @@ def run(params: Params, inputs: dict[str, Path], out: Path, executor: Executor) 
     rounds: dict[int, int] = {}
     plan_problems: list[str] = []
     if p.plan_from:
-        by_key = {s.key: s for s in sources}
         for path in p.plan_from:
-            extra, problems = plan_round(load_plan(params.resolve(path)), by_key, p,
+            extra, problems = plan_round(load_plan(params.resolve(path)), sources, p,
                                          params.seed, groups.of_record)
             plan_problems += problems
             for name, todo in extra.items():

@@ -236,6 +236,32 @@ def _fake_sources(n: int, domain: str) -> list[Record]:
     ]
 
 
+def test_round_jobs_draw_donors_from_train_sources_of_their_domain():
+    """A round's splice takes its donor from the train sources of its domain, never itself;
+    the only train source of its domain gets none. Sources are found by key (binary search
+    in the sorted keys), rows in a `SourceTable` or a list alike."""
+    rows = [synthesize.SourceRow(f"s{i:03d}", "src", f"id{i}", f"g{i}", None, "cc0",
+                                 "face" if i == 7 else "natural", f"b/{i}.png", "png", None,
+                                 None, None) for i in range(40)]
+    split = {r.key: ("train", "train", "val", "test")[i % 4] for i, r in enumerate(rows)}
+    split["s007"] = "train"
+    p = synthesize.SynthesizeParams()
+    train = [r.key for r in rows if split[r.key] == "train" and r.domain == "natural"]
+    plan = {"round": 3, "jobs": [{"generator": "splice", "source": k} for k in train]
+            + [{"generator": "face_swap", "source": "s007"},
+               {"generator": "splice", "source": "s002"},  # val: refused
+               {"generator": "splice", "source": "nope"}]}  # not a source: refused
+    jobs, problems = synthesize.plan_round(plan, rows, p, 9, lambda r: split[r.key])
+    assert len(problems) == 2 and "not train" in problems[0] and "nope" in problems[1]
+    donors = [j["donor"].key for j in jobs["splice"]]
+    assert [j["source"].key for j in jobs["splice"]] == train
+    assert all(d in train and d != s for d, s in zip(donors, train))
+    assert len(set(donors)) > len(train) // 3  # spread over the pool, not one image
+    assert jobs["face_swap"][0]["donor"] is None  # the only train face
+    again, _ = synthesize.plan_round(plan, rows, p, 9, lambda r: split[r.key])
+    assert again == jobs
+
+
 def test_the_mix_draw_is_numpys_choice_without_replacement():
     """`plan` draws each source's generators with `_draw`, numpy's weighted choice without
     replacement written out (a fifth of the time): the same indices, in the same order,
