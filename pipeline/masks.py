@@ -291,14 +291,20 @@ class Codec:
     data: bytes | None = None  # jpeg: the forged file, for `luma_blocks`
     twin_data: bytes | None = None  # jpeg: the twin as encoded
 
-    def luma_blocks(self) -> np.ndarray | None:
+    def luma_blocks(self, forged: np.ndarray | None = None) -> np.ndarray | None:
         """jpeg: 255 for each 8 x 8 block (the last row and column partial) whose luma in
         the forged file differs from the twin's, else 0; both files decoded to their luma
-        plane alone. With an exact twin these are the blocks the edit changed."""
+        plane alone. With an exact twin these are the blocks the edit changed. A greyscale
+        JPEG's pixels are its luma: `forged` (its decoded pixels) and the twin serve as
+        they are, with no decode."""
         if self.kind != "jpeg" or self.data is None or self.twin_data is None:
             return None
-        ours, twin = (cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_GRAYSCALE)
-                      for b in (self.data, self.twin_data))
+        if (self.settings or {}).get("mode") == "L" and forged is not None \
+                and self.twin is not None:
+            ours, twin = forged[..., 0], self.twin[..., 0]
+        else:
+            ours, twin = (cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_GRAYSCALE)
+                          for b in (self.data, self.twin_data))
         if ours is None or twin is None or ours.shape != twin.shape:
             return None
         return cv2.compare(_reduce(cv2.compare(ours, twin, cv2.CMP_NE), 8), 0, cv2.CMP_GT)
@@ -557,7 +563,7 @@ def derive_mask(
         if kind == "lossless":  # every changed pixel belongs to the mask
             cv2.bitwise_or(m, changed, dst=m)
         elif exact and p.luma_blocks and codec is not None and bw and bh:
-            blocks = codec.luma_blocks()
+            blocks = codec.luma_blocks(forged)
             if blocks is not None:
                 _within_luma_blocks(m, blocks, win, p, _mcu(codec.settings))
         mask = m > 0

@@ -351,6 +351,15 @@ def test_codec_of_formats():
     Image.fromarray(gray[..., 0]).save(buf, "JPEG", quality=90)
     g = codec_of(gray, buf.getvalue())
     assert g.kind == "jpeg" and np.array_equal(g.twin, mc.decode(buf.getvalue()))
+    # a greyscale JPEG's luma blocks come from its pixels, as decoding its luma gives them
+    seen = mc.decode(buf.getvalue())
+    edited = seen[..., 0].copy()
+    edited[10:30, 20:50] = 255 - edited[10:30, 20:50]
+    buf = io.BytesIO()
+    Image.fromarray(edited).save(buf, "JPEG", quality=90)
+    ge = codec_of(seen, buf.getvalue())
+    from_pixels = ge.luma_blocks(mc.decode(buf.getvalue()))
+    assert from_pixels.any() and np.array_equal(from_pixels, ge.luma_blocks())
     assert codec_of(img, enc("JPEG", quality=90), twin=False).kind == "lossy"
 
 
