@@ -139,6 +139,16 @@ class MasksParams:
     close_px_lossless: int = 1
     max_hole: float = 0.25  # holes up to this fraction of their region's area are filled
     min_component: float = 0.02  # lossy: regions below this fraction of the largest dropped
+    # lossy: a region grows ring by ring (1 px each, up to `feather_rings`) across a soft
+    # edge: while the ring's luma moved towards the region's own change by at least
+    # `feather_ratio` of that change and `feather_levels` levels on average (the first
+    # ring; the next ones `feather_tail_ratio` and `feather_tail_levels`). A codec's echo
+    # of a hard edge moves the luma by a few percent of the edge, a feathered paste by tens.
+    feather_rings: int = 3
+    feather_ratio: float = 0.10
+    feather_levels: float = 1.5
+    feather_tail_ratio: float = 0.02
+    feather_tail_levels: float = 0.6
     # whole-frame change: the share of tiles (16 on the shorter side) changed beyond noise
     full_cover: float = 0.9
     regenerated: Literal["full", "reject"] = "full"  # full mask, or status `regenerated`
@@ -159,19 +169,21 @@ class MasksParams:
     def __post_init__(self) -> None:
         fractions = ("relative", "relative_lossy", "density", "max_hole", "min_component",
                      "full_cover", "max_area", "min_quality", "max_leak", "leak_margin",
-                     "precodec_tolerance")
+                     "precodec_tolerance", "feather_ratio", "feather_tail_ratio")
         for name in fractions:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"masks.{name}: {v!r} is not allowed; allowed: 0.0 to 1.0")
         levels = ("threshold_lossless", "exact_threshold", "exact_texture", "threshold_min",
-                  "noise_factor", "max_noise", "texture_factor", "max_colour_shift")
+                  "noise_factor", "max_noise", "texture_factor", "max_colour_shift",
+                  "feather_levels", "feather_tail_levels")
         for name in levels:
             v = getattr(self, name)
             if v < 0:
                 raise ValueError(f"masks.{name}: {v!r} is not allowed; allowed: >= 0")
         pixels = ("exact_block", "relative_reach", "interior_blocks", "block", "close_px",
-                  "close_px_lossless", "min_changed_pixels", "min_pixels", "precodec_reach")
+                  "close_px_lossless", "min_changed_pixels", "min_pixels", "precodec_reach",
+                  "feather_rings")
         for name in pixels:
             v = getattr(self, name)
             if v < 0:
@@ -562,7 +574,9 @@ def derive_mask(
         m = _regions(evidence, p, lossless=kind == "lossless")
         if kind == "lossless":  # every changed pixel belongs to the mask
             cv2.bitwise_or(m, changed, dst=m)
-        elif exact and p.luma_blocks and codec is not None and bw and bh:
+        elif p.feather_rings:
+            _feathered_edges(m, ref, forged, table, p)
+        if kind != "lossless" and exact and p.luma_blocks and codec is not None and bw and bh:
             blocks = codec.luma_blocks(forged)
             if blocks is not None:
                 _within_luma_blocks(m, blocks, win, p, _mcu(codec.settings))
@@ -674,6 +688,66 @@ def _within_luma_blocks(m: np.ndarray, blocks: np.ndarray, win: tuple[slice, sli
         m[win][colour_only[labels]] = 255
     # colour changes in MCUs whose luma did not change
     cv2.bitwise_or(m[win], cv2.bitwise_and(derived, cv2.bitwise_not(in_luma_mcu)), dst=m[win])
+
+
+_LUMA = np.array([[0.299, 0.587, 0.114]], np.float32)  # ITU-R BT.601, as JPEG's Y
+_FEATHER_WINDOW = 4  # px: a ring pixel's "own change" is the region's mean within this reach
+
+
+def _feathered_edges(m: np.ndarray, ref: np.ndarray, forged: np.ndarray,
+                     table: np.ndarray | None, p: MasksParams) -> None:
+    """Grows each region of `m` (0/255) across a feathered edge, in place (see
+    `MasksParams.feather_rings`). A soft paste changes the pixels just outside its
+    half-alpha line by a share of what it changed inside, in the same direction; the
+    threshold misses them where that share is below the codec's noise, but a whole ring of
+    them, averaged, is not. The luma alone is measured: a 4:2:0 encoder's chroma (and an
+    editor's chroma filter) bleeds past any edge, hard or soft, while its luma keeps hard
+    edges hard. Each region is worked on in the box around it."""
+    bx, by, bw, bh = cv2.boundingRect(m)
+    if not bw:
+        return
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(m[by:by + bh, bx:bx + bw],
+                                                           connectivity=8)
+    stats[:, 0] += bx
+    stats[:, 1] += by
+    h, w = m.shape
+    reach = p.feather_rings + _FEATHER_WINDOW + 1
+    k = 2 * _FEATHER_WINDOW + 1
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    grown = []
+    for i in range(1, n):
+        x, y, cw, ch = (int(v) for v in stats[i, :4])
+        ly, lx = max(0, y - reach), max(0, x - reach)  # the window's corner
+        win = (slice(ly, min(h, y + ch + reach)), slice(lx, min(w, x + cw + reach)))
+        region = np.zeros((win[0].stop - ly, win[1].stop - lx), np.uint8)
+        region[y - ly:y - ly + ch, x - lx:x - lx + cw] = (
+            labels[y - by:y - by + ch, x - bx:x - bx + cw] == i)
+        free = m[win] == 0
+        o = ref[win] if table is None else cv2.LUT(ref[win], table)
+        dy = (cv2.transform(forged[win].astype(np.float32), _LUMA)
+              - cv2.transform(o.astype(np.float32), _LUMA))
+        own = cv2.blur(dy * region, (k, k))  # the region's mean change x its share near
+        share = cv2.blur(region.astype(np.float32), (k, k))
+        towards = dy * np.sign(own)  # the change in the direction of the region's own
+        scale = np.abs(own) / np.maximum(share, 1e-6)
+        cur = region.copy()
+        grew = False
+        for ring_no in range(p.feather_rings):
+            ring = (cv2.dilate(cur, cross) > cur) & free
+            count = np.count_nonzero(ring)
+            if not count:
+                break
+            moved = float(towards[ring].sum())
+            ratio, levels = ((p.feather_ratio, p.feather_levels) if ring_no == 0
+                             else (p.feather_tail_ratio, p.feather_tail_levels))
+            if moved < ratio * float(scale[ring].sum()) or moved < levels * count:
+                break
+            cur[ring] = 1
+            grew = True
+        if grew:
+            grown.append((win, cur))
+    for win, cur in grown:
+        m[win][cur > 0] = 255
 
 
 def _farther(a: np.ndarray, b: np.ndarray, reach: int) -> float:

@@ -118,7 +118,7 @@ def test_lossless_masks_hold_every_changed_pixel(which, tune, heldout):
 @pytest.mark.slow
 def test_jpeg90_accuracy_heldout(heldout):
     ious = _ious(heldout, "jpeg90")
-    assert _mean(ious) >= 0.90, f"mean IoU {_mean(ious):.3f}; worst: {_worst(ious)}"
+    assert _mean(ious) >= 0.91, f"mean IoU {_mean(ious):.3f}; worst: {_worst(ious)}"
     # copy-moves and splices, what most tampering corpora hold, do better
     strong = {k: v for k, v in _ious(heldout, "jpeg90").items()
               if k.split("/")[1] in ("copy_move", "splice", "recolour")}
@@ -130,11 +130,60 @@ def test_casia_like_accuracy_heldout(heldout):
     # another encoder: the twin is not exact and the noisy path decides
     ious = _ious(heldout, "casia")
     assert len(ious) >= 15
-    assert _mean(ious) >= 0.92, f"mean IoU {_mean(ious):.3f}; worst: {_worst(ious)}"
+    assert _mean(ious) >= 0.93, f"mean IoU {_mean(ious):.3f}; worst: {_worst(ious)}"
     for c in heldout:
         if c.codec == "casia":
             assert codec_of(c.original, c.forged_bytes).kind == "jpeg"
             assert derive(c.original, c.forged_bytes).codec in ("lossy", "jpeg")
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0, 2.0])
+def test_a_feathered_splice_gets_its_soft_edge_and_a_hard_one_no_more(sigma):
+    # a disk of another photo pasted into a held-out photo, hard (sigma 0) or feathered,
+    # saved by another encoder: the soft edge changed pixels by 1-2 levels, below that
+    # encoder's noise, and the feathered-edge growth gets them back; a hard edge stays put
+    imgs = mc.images("heldout")
+
+    def make(o: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h, w = o.shape[:2]
+        disk = cv2.circle(np.zeros((h, w), np.uint8), (w // 2, h // 2), 40, 1, -1) > 0
+        donor = cv2.resize(imgs["flower"], (w, h), interpolation=cv2.INTER_AREA)
+        if not sigma:
+            out = o.copy()
+            out[disk] = donor[disk]
+            return out, disk
+        return mc._blended(o.astype(np.float32), donor.astype(np.float32),
+                           mc._feather(disk, sigma))
+
+    o, _, fb, truth, _ = mc.save(mc._casia_size(imgs["motorcycle"]), make, "casia")
+    on = derive(o, fb)
+    off = derive(o, fb, MasksParams(feather_rings=0))
+    assert on.codec == off.codec == "lossy"
+    recall = (on.mask & truth).sum() / truth.sum()
+    if sigma:
+        assert recall >= 0.96 and iou(on.mask, truth) >= iou(off.mask, truth) + 0.05
+        # never more than the rings it may grow
+        far = cv2.dilate(off.mask.view(np.uint8), cv2.getStructuringElement(
+            cv2.MORPH_CROSS, (3, 3)), iterations=MasksParams().feather_rings) == 0
+        assert not (on.mask & far).any()
+    else:
+        assert np.array_equal(on.mask, off.mask) and iou(on.mask, truth) >= 0.97
+
+
+@pytest.mark.slow
+def test_feathered_edges_help_the_heldout_lossy_sets(heldout):
+    # the growth was tuned on the tuning set; on the held-out one it helps the feathered
+    # kinds (splices, dodge/burn) and costs the hard-edged copy-moves nothing much
+    for codec in ("casia", "jpeg90"):
+        cases = [c for c in heldout if c.codec == codec]
+        on = {c.name: iou(derive(c.original, c.forged_bytes).mask, c.truth) for c in cases}
+        off = {c.name: iou(derive(c.original, c.forged_bytes, MasksParams(feather_rings=0)).mask,
+                           c.truth) for c in cases}
+        soft = [k for k in on if k.split("/")[1] in ("splice", "dodge")]
+        hard = [k for k in on if k.split("/")[1] == "copy_move"]
+        assert np.mean([on[k] - off[k] for k in soft]) >= 0.015, codec
+        assert np.mean([on[k] - off[k] for k in hard]) >= -0.005, codec
+        assert _mean(on) > _mean(off), codec
 
 
 @pytest.mark.slow
@@ -283,9 +332,11 @@ def test_jpeg_masks_stay_inside_the_blocks_whose_luma_changed(heldout):
         mcu = grid.reshape(grid.shape[0] // 2, 2, grid.shape[1] // 2, 2).any(axis=(1, 3))
         in_luma_mcu = np.repeat(np.repeat(mcu, 2, 0), 2, 1)[:hb, :wb]
         assert not (_blocks8(d.mask) & ~luma & in_luma_mcu).any(), c.name
-        on[c.name] = iou(d.mask, c.truth)
+        # the luma blocks' own gain, without the feathered-edge growth (which helps both)
+        on[c.name] = iou(derive(c.original, c.forged_bytes,
+                                MasksParams(feather_rings=0)).mask, c.truth)
         off[c.name] = iou(derive(c.original, c.forged_bytes,
-                                 MasksParams(luma_blocks=False)).mask, c.truth)
+                                 MasksParams(luma_blocks=False, feather_rings=0)).mask, c.truth)
     weak = [k for k in on if k.split("/")[1] in ("removal", "retouch", "text")]
     assert np.mean([on[k] for k in weak]) >= np.mean([off[k] for k in weak]) + 0.05
     assert _mean(on) >= _mean(off) + 0.015
