@@ -702,7 +702,9 @@ def _feathered_edges(m: np.ndarray, ref: np.ndarray, forged: np.ndarray,
     threshold misses them where that share is below the codec's noise, but a whole ring of
     them, averaged, is not. The luma alone is measured: a 4:2:0 encoder's chroma (and an
     editor's chroma filter) bleeds past any edge, hard or soft, while its luma keeps hard
-    edges hard. Each region is worked on in the box around it."""
+    edges hard. Each region is worked on in the box around it, and its float arrays only in
+    strips, kept for the pixels its rings can reach (a region of half a 108 MP frame costs
+    a few masks of its box, not a dozen float copies)."""
     bx, by, bw, bh = cv2.boundingRect(m)
     if not bw:
         return
@@ -712,7 +714,6 @@ def _feathered_edges(m: np.ndarray, ref: np.ndarray, forged: np.ndarray,
     stats[:, 1] += by
     h, w = m.shape
     reach = p.feather_rings + _FEATHER_WINDOW + 1
-    k = 2 * _FEATHER_WINDOW + 1
     cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
     grown = []
     for i in range(1, n):
@@ -723,24 +724,23 @@ def _feathered_edges(m: np.ndarray, ref: np.ndarray, forged: np.ndarray,
         region[y - ly:y - ly + ch, x - lx:x - lx + cw] = (
             labels[y - by:y - by + ch, x - bx:x - bx + cw] == i)
         free = m[win] == 0
-        o = ref[win] if table is None else cv2.LUT(ref[win], table)
-        dy = (cv2.transform(forged[win].astype(np.float32), _LUMA)
-              - cv2.transform(o.astype(np.float32), _LUMA))
-        own = cv2.blur(dy * region, (k, k))  # the region's mean change x its share near
-        share = cv2.blur(region.astype(np.float32), (k, k))
-        towards = dy * np.sign(own)  # the change in the direction of the region's own
-        scale = np.abs(own) / np.maximum(share, 1e-6)
+        band = (cv2.dilate(region, cross, iterations=p.feather_rings) > 0) & free
+        ys, xs = np.nonzero(band)
+        if not len(ys):
+            continue
+        towards, scale = _towards_and_scale(region, ref[win], forged[win], table, ys, xs)
         cur = region.copy()
         grew = False
         for ring_no in range(p.feather_rings):
-            ring = (cv2.dilate(cur, cross) > cur) & free
-            count = np.count_nonzero(ring)
+            ring = (cv2.dilate(cur, cross) > cur) & free  # inside `band`
+            on = ring[ys, xs]
+            count = np.count_nonzero(on)
             if not count:
                 break
-            moved = float(towards[ring].sum())
+            moved = float(towards[on].sum())
             ratio, levels = ((p.feather_ratio, p.feather_levels) if ring_no == 0
                              else (p.feather_tail_ratio, p.feather_tail_levels))
-            if moved < ratio * float(scale[ring].sum()) or moved < levels * count:
+            if moved < ratio * float(scale[on].sum()) or moved < levels * count:
                 break
             cur[ring] = 1
             grew = True
@@ -748,6 +748,40 @@ def _feathered_edges(m: np.ndarray, ref: np.ndarray, forged: np.ndarray,
             grown.append((win, cur))
     for win, cur in grown:
         m[win][cur > 0] = 255
+
+
+_FEATHER_STRIP = 1 << 18  # pixels per strip of `_towards_and_scale`'s float arrays
+
+
+def _towards_and_scale(region: np.ndarray, ref: np.ndarray, forged: np.ndarray,
+                       table: np.ndarray | None, ys: np.ndarray, xs: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """At the pixels (ys, xs) (row-major order) of a region's box: the luma change in the
+    direction of the region's own mean change within `_FEATHER_WINDOW` px, and the size of
+    that mean change. Float arrays exist a strip of rows at a time."""
+    r = _FEATHER_WINDOW
+    k = 2 * r + 1
+    hh, ww = region.shape
+    rows = max(1, _FEATHER_STRIP // max(1, ww))
+    towards = np.empty(len(ys), np.float32)
+    scale = np.empty(len(ys), np.float32)
+    for r0 in range(0, hh, rows):
+        r1 = min(hh, r0 + rows)
+        i0, i1 = np.searchsorted(ys, [r0, r1])
+        if i0 == i1:
+            continue
+        a0, a1 = max(0, r0 - r), min(hh, r1 + r)  # the rows the means reach
+        o = ref[a0:a1] if table is None else cv2.LUT(ref[a0:a1], table)
+        dy = (cv2.transform(forged[a0:a1].astype(np.float32), _LUMA)
+              - cv2.transform(o.astype(np.float32), _LUMA))
+        reg = region[a0:a1]
+        own = cv2.blur(dy * reg, (k, k))  # the region's mean change x its share near
+        share = cv2.blur(reg.astype(np.float32), (k, k))
+        yy, xx = ys[i0:i1] - a0, xs[i0:i1]
+        o_at = own[yy, xx]
+        towards[i0:i1] = dy[yy, xx] * np.sign(o_at)
+        scale[i0:i1] = np.abs(o_at) / np.maximum(share[yy, xx], 1e-6)
+    return towards, scale
 
 
 def _farther(a: np.ndarray, b: np.ndarray, reach: int) -> float:
