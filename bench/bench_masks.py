@@ -12,7 +12,11 @@
    and on one row of 108 MP (12000 x 9000), JPEG-90 pairs with a requested region, so
    decoding, the twin, `leak_fraction` and writing the mask are all in. Ratio = MP/s at
    108 MP / MP/s at 1 MP (>= 0.5).
-3. **Accuracy**: mean IoU of derived masks against the truth of `tests/mask_cases.py`
+3. **Settings that trade accuracy for speed**, at 1 MP JPEG-90 against the same naive
+   baseline, with the held-out JPEG-90 and CASIA-like IoU of each: the defaults, without
+   the luma blocks (`masks.luma_blocks: false`), without the JPEG twin
+   (`masks.codec_twin: false`), and without the twin or the soft edges.
+4. **Accuracy**: mean IoU of derived masks against the truth of `tests/mask_cases.py`
    (tuning and held-out sets; by codec and by edit kind), recall of changed pixels on
    lossless pairs. For lossy codecs also the IoU when the forged pixels as made are known
    (`masks.edit_as_made`, what the stage does with synthesize's `precodec_blob` for the
@@ -21,7 +25,8 @@
 
 Prints the figures and writes `metrics/bench_masks.json`.
 
-    python bench/bench_masks.py [--repeat N] [--skip-108mp] [--skip-accuracy] [--overlays DIR]
+    python bench/bench_masks.py [--repeat N] [--skip-108mp] [--skip-variants] [--skip-accuracy]
+                                [--overlays DIR]
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from pipeline.masks import codec_of, derive_mask, iou
+from pipeline.masks import MasksParams, codec_of, derive_mask, iou
 
 SIZES = {"1MP": (1000, 1000), "12MP": (4000, 3000)}
 BIG = (12000, 9000)
@@ -146,6 +151,45 @@ def bench_derivation(repeat: int) -> dict:
                 "baseline_iou": round(iou(out["naive"], truth), 4),
                 "codec": out["ours"].codec,
             }
+    return res
+
+
+VARIANTS = {
+    "defaults": {},
+    "no_luma_blocks": {"luma_blocks": False},
+    "no_twin": {"codec_twin": False},
+    "no_twin_no_soft_edges": {"codec_twin": False, "feather_rings": 0},
+}
+
+
+def bench_variants(repeat: int) -> dict:
+    """Derivation time at 1 MP JPEG-90 (ratio to the naive baseline, same run) and held-out
+    JPEG-90 / CASIA-like IoU for each of `VARIANTS`."""
+    import mask_cases as mc
+
+    from pipeline.masks import derive
+
+    w, h = SIZES["1MP"]
+    original = _decode(_jpeg(photo(w, h)))
+    forged_img, _ = edit(original)
+    forged_bytes = _jpeg(forged_img)
+    forged = _decode(forged_bytes)
+    params = {k: MasksParams(**v) for k, v in VARIANTS.items()}
+    fns = {k: (lambda p=p: derive_mask(original, forged, p,
+                                       codec_of(original, forged_bytes, p.codec_twin)))
+           for k, p in params.items()}
+    fns["naive"] = lambda: naive(original, forged)
+    t, _ = _interleaved(fns, repeat)
+    cases = list(mc.cases("heldout", ("jpeg90", "casia")))
+    res: dict = {}
+    for k, p in params.items():
+        ious: dict[str, list[float]] = {}
+        for c in cases:
+            ious.setdefault(c.codec, []).append(iou(derive(c.original, c.forged_bytes, p).mask,
+                                                    c.truth))
+        res[k] = {"params": VARIANTS[k], "seconds_1mp_jpeg90": round(t[k], 4),
+                  "speedup_vs_baseline": round(t["naive"] / t[k], 2),
+                  "heldout_iou": {c: round(float(np.mean(v)), 4) for c, v in ious.items()}}
     return res
 
 
@@ -276,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=9, help="timed rounds per derivation case")
     ap.add_argument("--skip-108mp", action="store_true", help="no 108 MP stage run")
+    ap.add_argument("--skip-variants", action="store_true", help="no speed/accuracy settings")
     ap.add_argument("--skip-accuracy", action="store_true", help="no accuracy sets")
     ap.add_argument("--overlays", type=Path, default=None, help="write held-out overlay sheets")
     ap.add_argument("--out", default="metrics/bench_masks.json", help="JSON output path")
@@ -304,6 +349,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{v['mp_per_s']:7.2f} MP/s  {v['status']}")
     if "ratio_108mp_vs_1mp" in st:
         print(f"stage MP/s at 108 MP / at 1 MP: {st['ratio_108mp_vs_1mp']} (target >= 0.5)")
+
+    if not args.skip_variants:
+        res["variants"] = var = bench_variants(args.repeat)
+        for k, v in var.items():
+            print(f"settings {k:22s} 1 MP JPEG-90 {v['seconds_1mp_jpeg90'] * 1000:6.1f} ms "
+                  f"{v['speedup_vs_baseline']:5.2f}x naive; held-out IoU "
+                  + ", ".join(f"{c} {x:.3f}" for c, x in v["heldout_iou"].items()))
 
     if not args.skip_accuracy:
         res["accuracy"] = acc = bench_accuracy(args.overlays)
