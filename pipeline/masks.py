@@ -607,7 +607,8 @@ def derive_mask(
 
 
 def edit_as_made(original: np.ndarray, made: np.ndarray, d: Derivation,
-                 p: MasksParams | None = None) -> tuple[Derivation, str | None]:
+                 p: MasksParams | None = None, forged: np.ndarray | None = None,
+                 forged_bytes: bytes | None = None) -> tuple[Derivation, str | None]:
     """The derivation of a lossy forgery whose pixels before encoding (`made`) are known, and
     None; or `d` (the file's own derivation) and why `made` was not used.
 
@@ -616,7 +617,11 @@ def edit_as_made(original: np.ndarray, made: np.ndarray, d: Derivation,
     (`changed_pixels`, `noise`, `threshold`, `diff` are `d`'s). `made` belongs to other pixels
     (another decoder, another original) when it changed the whole frame and the file did not,
     or when more than `precodec_tolerance` of either mask lies further than `precodec_reach`
-    pixels from the other."""
+    pixels from the other. One exception: a whole frame changed by a little (a resampling, an
+    autoencoder's round trip, grain) hides under a JPEG's noise pixel by pixel, so the file
+    alone cannot tell it from another encoder's re-save; when the file (`forged_bytes`,
+    decoded `forged`) is `made` encoded with the file's own tables, bit for bit in most
+    blocks, the frame did change and `made`'s full mask stands."""
     p = p or MasksParams()
     if d.codec == "lossless":
         return d, "the file is lossless: its own mask is the edit"
@@ -624,6 +629,12 @@ def edit_as_made(original: np.ndarray, made: np.ndarray, d: Derivation,
     if not e.changed_pixels:
         return d, "the pixels as made do not differ from the original"
     if e.regenerated and not d.regenerated:
+        if forged is not None and forged_bytes is not None and _encodes(made, forged,
+                                                                        forged_bytes):
+            return dataclasses.replace(
+                e, diff=d.diff, noise=d.noise, threshold=d.threshold, changed=d.changed,
+                changed_pixels=d.changed_pixels,
+                codec=f"{d.codec}, edit known before encoding (the whole frame)"), None
         return d, (f"the pixels as made changed {e.cover:.0%} of the tiles, the file "
                    f"{d.cover:.0%}: they were made from other pixels than the original's")
     for a, b, what in ((d.mask, e.mask, "the file's mask lies more than {} pixels from the "
@@ -637,6 +648,15 @@ def edit_as_made(original: np.ndarray, made: np.ndarray, d: Derivation,
     return dataclasses.replace(
         e, diff=d.diff, noise=d.noise, threshold=d.threshold, changed=d.changed,
         changed_pixels=d.changed_pixels, codec=f"{d.codec}, edit known before encoding"), None
+
+
+def _encodes(made: np.ndarray, forged: np.ndarray, forged_bytes: bytes) -> bool:
+    """Whether the JPEG `forged_bytes` (decoded: `forged`) is `made` encoded with its own
+    tables and subsampling: the twin of `made` is bit-identical to it in most blocks."""
+    c = codec_of(made, forged_bytes)
+    if c.kind != "jpeg" or c.twin is None or c.twin.shape != forged.shape:
+        return False
+    return _identical_blocks(_raw_diff(c.twin, forged, None)) >= 0.75
 
 
 def _mcu(settings: dict[str, Any] | None) -> tuple[int, int]:
@@ -1090,9 +1110,9 @@ class _Worker:
         if why:
             return _reject(r, "degenerate_output", why)
         d = derive_mask(original, forged, p, codec_of(original, forged_bytes, p.codec_twin))
-        del forged_bytes
         if r.precodec_blob and p.precodec:
-            d = self.known_edit(r, original, d)
+            d = self.known_edit(r, original, d, forged, forged_bytes)
+        del forged_bytes
         h, w = forged.shape[:2]
         rel_mask = _rel(self.out / "masks" / f"{r.key}.png", self.data)
         write_bytes(self.data / rel_mask, _encode_mask(d.mask))
@@ -1124,7 +1144,9 @@ class _Worker:
         r = r.replace(**changes)
         return self.filter(r, d, original, forged, leak)
 
-    def known_edit(self, r: Record, original: np.ndarray, d: Derivation) -> Derivation:
+    def known_edit(self, r: Record, original: np.ndarray, d: Derivation,
+                   forged: np.ndarray | None = None, forged_bytes: bytes | None = None
+                   ) -> Derivation:
         """`d`, or the mask of the pixels as made (`precodec_blob`) where they agree."""
         try:
             made = apply_patch(original, self._read(r.precodec_blob))
@@ -1132,7 +1154,7 @@ class _Worker:
             log.warning("masks: %s pixels before encoding unusable (%s: %s); the mask is the "
                         "file's", r.key, type(e).__name__, e)
             return d
-        known, why = edit_as_made(original, made, d, self.p)
+        known, why = edit_as_made(original, made, d, self.p, forged, forged_bytes)
         if why:
             log.warning("masks: %s: %s; the mask is the file's", r.key, why)
         return known

@@ -30,8 +30,9 @@ the way its source is encoded (`pipeline.imageio.encode_like`: container, mode, 
 and subsampling, metadata), so that nothing in the file but the forgery tells it from a real
 image. Full syntheses ship at the size their generator made them. Where that codec is lossy
 (JPEG, lossy WebP), the forged pixels as made (in the file's mode) are kept where they differ
-from the source (`precodec_blob`, a PNG patch of that box; never shipped; not when over half
-the pixels changed), so `masks` knows the edit apart from the codec's echo around it.
+from the source (`precodec_blob`, a PNG patch of that box; never shipped; the whole frame
+when the whole frame changed), so `masks` knows the edit apart from the codec's echo around
+it, and a frame changed everywhere by a little (under the codec's noise) from a local edit.
 """
 
 from __future__ import annotations
@@ -723,8 +724,9 @@ class _Worker:
                 imageio.decode(enc.data), made):
             # a lossy codec moved pixels: the edit as made (in the file's mode) is kept where
             # it changed the source, so masks can tell the edit from the codec's echo around
-            # it (not when most of the frame changed: that mask is full, the file says so)
-            patch = imageio.encode_patch(s.image, made, max_share=0.5)
+            # it; also when it changed the whole frame, which a JPEG's noise can hide when
+            # the change is small (a resampling, a VAE round trip)
+            patch = imageio.encode_patch(s.image, made)
             if patch is not None:
                 precodec = f"synthesize/precodec/{job['key']}.png"
                 imageio.write_bytes(self.data_dir / precodec, patch)
