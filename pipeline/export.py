@@ -493,10 +493,18 @@ class _Folder:
             self.imdl.add(r)
         self.cells[(r.split, c)] += 1
         for k, v in (("split", r.split), ("domain", str(r.domain)), ("operation", r.operation),
-                     ("generator", r.generator or "real"), ("model_id", r.model_id or "none"),
+                     ("generator", _generator(r)), ("model_id", r.model_id or "none"),
                      ("license", r.license or "unknown"),
                      ("split / domain / label", f"{r.split} / {r.domain} / {r.label}")):
             self.by[k][v] += 1
+
+
+def _generator(r: Record) -> str:
+    """A row's generator for the card: "real" for real rows only; a tampered row that no
+    generator of ours made (a `forensic` or `pairs` source's) is "unknown (<source>)"."""
+    if r.generator:
+        return r.generator
+    return "real" if r.label == "real" else f"unknown ({r.source})"
 
 
 def write_export(ep: ExportPlan, manifest: Path, data_dir: Path, out: Path, seed: int,

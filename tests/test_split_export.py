@@ -157,6 +157,23 @@ def test_export_is_balanced_by_domain_with_a_card_of_targets(tmp_path):
     assert m["exports"]["bal"]["domain_share"]["train"] == {d: 0.25 for d in dom}
 
 
+def test_forensic_tampered_rows_are_never_counted_real(tmp_path):
+    """Issue 10.9: tampered images of a forensic source (no generator, operation unknown)
+    sit in their own cell and the card's generator table does not count them as real."""
+    rows = _cells({("natural", "none"): 5})
+    rows += [Record(key=f"casia{i}", source="casia", domain="natural", operation="unknown",
+                    label="tampered", split="train") for i in range(4)]
+    m, out = _export(tmp_path, rows, exports={"balanced": None,
+                                              "all": {"balance": False, "imdl": False}})
+    kept = read_records(out / "all" / "manifest.parquet")
+    assert Counter(export.cell(r) for r in kept) == {("natural", "none"): 5,
+                                                     ("natural", "unknown"): 4}
+    card = (out / "all" / "README.md").read_text()
+    generators = card[card.index("| generator |"):].split("\n\n")[0]
+    assert "| real | 5 |" in generators and "| unknown (casia) | 4 |" in generators
+    assert "| real | 9 |" not in card
+
+
 def test_stand_ins_are_left_out_unless_allowed(tmp_path):
     rows = _cells({("natural", "none"): 6, ("natural", "inpaint"): 6, ("natural", "copy_move"): 6})
     for r in rows:
