@@ -570,8 +570,10 @@ def test_full_synthesis_ships_at_the_generators_size(tmp_path, corpus):
     """Issue 10 point 7: no upscaling; the record's size is the image's and the mask is
     built from it (shard writes all-255 masks of width x height)."""
     params, _, inputs, forged = _run(
-        tmp_path / "gan", corpus, generators=gens(gan_synthesis=1, t2i_synthesis=1), per_source=2
+        tmp_path / "gan", corpus, generators=gens(gan_synthesis=1, t2i_synthesis=1, regeneration=1),
+        per_source=3,
     )
+    assert {r.generator for r in forged} == {"gan_synthesis", "t2i_synthesis", "regeneration"}
     by_key = {r.key: r for r in inputs}
     for r in forged:
         assert r.status == "ok" and r.label == "synthetic" and r.mask_source == "full", r.error
