@@ -40,15 +40,21 @@ the forged file against its original (`derive`, `derive_mask`). A mask is what c
 3. **Regions**, at full resolution inside the box around the evidence: a closing of
    `close_px` pixels (gaps a codec leaves in an edit), holes filled up to `max_hole` of their
    region's area, lossy regions below `min_component` of the largest dropped. No size is a
-   fraction of the image: one word changed on a 5000 x 7000 scan keeps its pixels.
+   fraction of the image: one word changed on a 5000 x 7000 scan keeps its pixels. A lossy
+   region then grows ring by ring across a soft edge (`feather_rings`: a feathered paste, a
+   dodge/burn brush) while each one-pixel ring's luma moved towards the region's own change
+   by `feather_ratio` of it and `feather_levels` levels on average; a JPEG's echo of a hard
+   edge moves it by a few percent. The luma blocks (above) bound what grew.
 
 4. **The edit as made**: a forgery this project encoded with a lossy codec (a JPEG source's
    tables, lossy WebP) comes with its pixels before encoding where they differ from the
    source (synthesize's `precodec_blob`). The mask is then the lossless mask of those pixels
    (the edit, without the codec's echo), as long as it and the file's own mask lie within
    `precodec_reach` pixels of each other (else the file's mask, with a warning); the file still
-   decides whether the change is visible. Forgeries from outside (`pairs`, `forensic`)
-   have only their file.
+   decides whether the change is visible. A whole frame changed by a little (under a JPEG's
+   noise) gets the full mask of those pixels when the file is their encoding with its own
+   tables (`edit_as_made`). Forgeries from outside (`pairs`, `forensic`) have only their
+   file.
 
 Per-pixel work runs in cache-sized horizontal strips of uint8 OpenCV calls; nothing is
 float at full resolution (bench/bench_masks.py).
